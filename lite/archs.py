@@ -1,0 +1,135 @@
+"""What `lite` knows about each model family: one record per shape, keyed by `config.model_type`.
+
+Module names are dotted paths relative to one decoder block (`model.layers.<i>`). To add a family
+whose blocks look like an existing one, add its `model_type` to `ARCHS`; for a new shape, write a
+new `Arch` record. Nothing here inspects class names.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+from lite.errors import LiteError
+
+
+def _value_rows_of_qkv(config) -> slice:
+    """Rows of a packed `qkv_proj` weight that produce V (Phi-3 packs q, k, v in that order)."""
+    head_dim = _head_dim(config)
+    start = (config.num_attention_heads + _num_kv_heads(config)) * head_dim
+    return slice(start, start + _num_kv_heads(config) * head_dim)
+
+
+def _up_rows_of_gate_up(config) -> slice:
+    """Rows of a packed `gate_up_proj` weight that produce `up` (Phi-3 chunks gate first, then up)."""
+    return slice(config.intermediate_size, 2 * config.intermediate_size)
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _num_kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+@dataclass(frozen=True)
+class NormPair:
+    """A norm and the linears that read its output."""
+
+    norm: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LinearPair:
+    """A linear whose output channels feed `consumer`'s input channels one to one.
+
+    `producer_rows` selects the producing rows of a packed weight (None: all rows). With
+    `per_kv_head`, the consumer reads attention output: its `num_attention_heads * head_dim` input
+    channels map onto the producer's `num_key_value_heads * head_dim` V channels (grouped-query
+    attention repeats each KV head over its group of query heads).
+    """
+
+    producer: str
+    consumer: str
+    producer_rows: Callable | None = None
+    per_kv_head: bool = False
+
+
+@dataclass(frozen=True)
+class Arch:
+    norm_pairs: tuple[NormPair, ...]
+    linear_pairs: tuple[LinearPair, ...]
+    # Gemma's RMSNorm computes x * (1 + w); the others x * w.
+    norm_offset: float = 0.0
+    blocks: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    # Linears inside the blocks that must stay in float (MoE routers).
+    keep_float: tuple[str, ...] = ()
+
+
+_LLAMA = Arch(
+    norm_pairs=(
+        NormPair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        NormPair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ),
+    linear_pairs=(
+        LinearPair("self_attn.v_proj", "self_attn.o_proj", per_kv_head=True),
+        LinearPair("mlp.up_proj", "mlp.down_proj"),
+    ),
+)
+
+_PHI3 = Arch(
+    norm_pairs=(
+        NormPair("input_layernorm", ("self_attn.qkv_proj",)),
+        NormPair("post_attention_layernorm", ("mlp.gate_up_proj",)),
+    ),
+    linear_pairs=(
+        LinearPair("self_attn.qkv_proj", "self_attn.o_proj", _value_rows_of_qkv, per_kv_head=True),
+        LinearPair("mlp.gate_up_proj", "mlp.down_proj", _up_rows_of_gate_up),
+    ),
+)
+
+_GEMMA = Arch(norm_pairs=_LLAMA.norm_pairs, linear_pairs=_LLAMA.linear_pairs, norm_offset=1.0)
+
+ARCHS: dict[str, Arch] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "phi3": _PHI3,
+    "gemma": _GEMMA,
+}
+
+
+def arch_for(config) -> Arch:
+    """The record for `config.model_type`, or an error listing the supported types."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHS:
+        raise LiteError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHS))} "
+            "(to add one, give it a record in lite/archs.py)"
+        )
+    return ARCHS[model_type]
+
+
+def kv_group_index(config):
+    """For each attention-output channel, the V channel it comes from: `(num_heads * head_dim,)`."""
+    import torch
+
+    head_dim, num_heads, num_kv = _head_dim(config), config.num_attention_heads, _num_kv_heads(config)
+    query_head = torch.arange(num_heads).repeat_interleave(head_dim)  # (num_heads * head_dim,)
+    kv_head = query_head // (num_heads // num_kv)
+    return kv_head * head_dim + torch.arange(head_dim).repeat(num_heads)
+
+
+def quantized_linears(arch: Arch, block) -> list[str]:
+    """Names (relative to the block) of every nn.Linear in a block that gets quantized."""
+    import torch.nn as nn
+
+    return [
+        name
+        for name, module in block.named_modules()
+        if isinstance(module, nn.Linear) and name not in arch.keep_float
+    ]

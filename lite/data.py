@@ -1,0 +1,108 @@
+"""Calibration and evaluation text: named datasets from the hub, local files, and the shipped sample.
+
+`--calib-dataset` takes a name from `DATASETS` or a path to a `.txt`, `.jsonl` (a `text` field per
+line) or `.parquet` (a `text` column) file. Samples are non-overlapping windows of the tokenized text,
+chosen at random with a fixed seed; each starts with BOS when the tokenizer has one, as the model
+sees text at inference.
+"""
+
+import json
+import os
+
+import torch
+
+from lite.errors import LiteError
+
+SAMPLE_TEXT = os.path.join(os.path.dirname(__file__), "data", "sample.txt")
+
+
+def _hub(path, name, split, field, data_files=None):
+    def load():
+        import datasets
+
+        ds = datasets.load_dataset(path, name, split=split, data_files=data_files)
+        return "\n\n".join(row for row in ds[field] if row)
+
+    return load
+
+
+# name -> function returning the dataset's text; the splits lmdeploy and GPTQ calibrate on.
+DATASETS = {
+    "wikitext2": _hub("wikitext", "wikitext-2-raw-v1", "train", "text"),
+    "c4": _hub("allenai/c4", None, "train", "text", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}),
+    "pileval": _hub("mit-han-lab/pile-val-backup", None, "validation", "text"),
+    "ptb": _hub("ptb_text_only", "penn_treebank", "train", "sentence"),
+    "sample": lambda: read_text_file(SAMPLE_TEXT),
+}
+
+# The same datasets' held-out splits, for perplexity.
+EVAL_DATASETS = {
+    "wikitext2": _hub("wikitext", "wikitext-2-raw-v1", "test", "text"),
+    "c4": _hub("allenai/c4", None, "validation", "text",
+               data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}),
+    "ptb": _hub("ptb_text_only", "penn_treebank", "test", "sentence"),
+    "sample": lambda: read_text_file(SAMPLE_TEXT),
+}
+
+
+def read_text_file(path: str) -> str:
+    """Text of a `.txt`, `.jsonl` (`text` field) or `.parquet` (`text` column) file."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".txt":
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    if ext == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if "text" not in row:
+                        raise LiteError(f"{path} line {n} has no 'text' field; each line must be {{\"text\": ...}}")
+                    rows.append(row["text"])
+        return "\n\n".join(rows)
+    if ext == ".parquet":
+        import datasets
+
+        ds = datasets.load_dataset("parquet", data_files=path, split="train")
+        if "text" not in ds.column_names:
+            raise LiteError(f"{path} has no 'text' column (columns: {ds.column_names})")
+        return "\n\n".join(t for t in ds["text"] if t)
+    raise LiteError(f"{path}: unsupported text file type {ext!r}; use .txt, .jsonl or .parquet")
+
+
+def load_text(dataset: str, eval_split: bool = False) -> str:
+    """The text of a named dataset or a local file."""
+    table = EVAL_DATASETS if eval_split else DATASETS
+    if dataset in table:
+        return table[dataset]()
+    if os.path.isfile(dataset):
+        return read_text_file(dataset)
+    raise LiteError(f"dataset {dataset!r} is neither a file nor one of: {', '.join(table)}")
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of a whole text, without special tokens, `(tokens,)`."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_tokens(tokenizer, dataset: str, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`samples` windows of `seqlen` tokens (BOS first when the tokenizer has one): `(samples, seqlen)`."""
+    if samples < 1 or seqlen < 2:
+        raise LiteError(f"need --calib-samples >= 1 and --calib-seqlen >= 2, got {samples} and {seqlen}")
+    ids = tokenize(tokenizer, load_text(dataset))
+    bos = tokenizer.bos_token_id
+    body = seqlen - (bos is not None)
+    available = ids.numel() // body
+    if available < samples:
+        raise LiteError(
+            f"calibration text {dataset!r} has {ids.numel()} tokens, fewer than --calib-samples × "
+            f"--calib-seqlen = {samples} × {seqlen}; lower them or use a longer text"
+        )
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(available, generator=g)[:samples].sort().values
+    windows = ids[: available * body].view(available, body)[chosen]  # (samples, body)
+    if bos is not None:
+        windows = torch.cat([torch.full((samples, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows

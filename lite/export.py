@@ -1,0 +1,203 @@
+"""Quantize a model in memory, write it as an lmdeploy `smooth_quant` checkpoint, and read it back.
+
+Layout (see FORMATS.md): every linear inside the decoder blocks becomes a QLinear with `weight`
+(int8 or float8_e4m3fn, `(out, in)`), `scale` (fp32 `(out, 1)`), `bias` (model dtype) and, with
+migration scales exported, `migration_scale` (fp32 `(in,)`). The norms feeding them become
+QRMSNorm (their `weight` stays in the model dtype). Embeddings, final norm and `lm_head` are untouched.
+"""
+
+import json
+import os
+import shutil
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from lite.archs import Arch, arch_for, quantized_linears
+from lite.errors import LiteError
+from lite.model import decoder_blocks
+from lite.qmodules import QLinear, QRMSNorm
+from lite.quant import quant_dtype_of
+from lite.smooth import check_finite, fold_scales_
+
+QUANT_METHOD = "smooth_quant"
+# Files copied next to the weights so that the folder loads like the original.
+AUX_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+             "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+
+
+def quantization_config(quant_dtype: str, export_migration_scale: bool) -> dict:
+    qc = {"quant_method": QUANT_METHOD, "quant_dtype": str(quant_dtype_of(quant_dtype)).removeprefix("torch.")}
+    if export_migration_scale:
+        qc["migration_scale"] = True
+    return qc
+
+
+@torch.no_grad()
+def quantize_block_(block: nn.Module, prefix: str, arch: Arch, config, qdtype: torch.dtype,
+                    scales: dict[str, torch.Tensor], export_migration_scale: bool) -> None:
+    """Swap one block's linears for QLinears and its feeding norms for QRMSNorms, in place.
+
+    Scales are folded into producers, or, with `export_migration_scale`, stored on every QLinear
+    (ones where a linear is not smoothed) and the norms stay float.
+    """
+    for name, p in block.named_parameters():
+        check_finite(f"{prefix}.{name}", p.detach(), "weight")
+    if not export_migration_scale:
+        fold_scales_(block, prefix, arch, config, scales)
+        for pair in arch.norm_pairs:
+            block.set_submodule(pair.norm, QRMSNorm.from_norm(block.get_submodule(pair.norm), arch.norm_offset, qdtype))
+    for name in quantized_linears(arch, block):
+        linear = block.get_submodule(name)
+        ms = None
+        if export_migration_scale:
+            ms = scales.get(f"{prefix}.{name}", torch.ones(linear.in_features)).float()
+        block.set_submodule(name, QLinear.from_linear(linear, qdtype, ms))
+
+
+def quantize_model_(model: nn.Module, quant_dtype: str, scales: dict[str, torch.Tensor] | None,
+                    export_migration_scale: bool, progress: bool = True) -> nn.Module:
+    """Quantize every decoder block of `model` in place; returns the model."""
+    arch, qdtype = arch_for(model.config), quant_dtype_of(quant_dtype)
+    blocks = decoder_blocks(model, arch)
+    for prefix, block in tqdm(blocks.items(), desc="quantize", unit="block", disable=not progress):
+        quantize_block_(block, prefix, arch, model.config, qdtype, scales or {}, export_migration_scale)
+    model.config.quantization_config = quantization_config(quant_dtype, export_migration_scale)
+    return model
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like '5GB', '500MB', '2GiB'."""
+    if isinstance(size, int):
+        return size
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    text = str(size).strip().upper()
+    for unit, factor in units.items():
+        if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(text[: -len(unit)]) * factor)
+    if text.isdigit():
+        return int(text)
+    raise LiteError(f"--max-shard-size {size!r} is not a size; use e.g. 5GB, 500MB or a number of bytes")
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict to write: contiguous CPU tensors, a tied `lm_head` left out."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    arch = arch_for(model.config)
+    out = {}
+    for name, t in model.state_dict().items():
+        if tied and name == f"{arch.lm_head}.weight":
+            continue
+        out[name] = t.detach().cpu().contiguous()
+    return out
+
+
+def write_shards(tensors: dict[str, torch.Tensor], folder: str, max_shard_size: int) -> None:
+    """`model.safetensors`, or `model-0000i-of-0000n.safetensors` plus an index when over one shard."""
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_size:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(folder, filename), metadata={"format": "pt"})
+        weight_map.update({name: filename for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def write_checkpoint(model: nn.Module, tokenizer, source_folder: str | None, out_dir: str,
+                     max_shard_size: int | str = "5GB") -> None:
+    """Write a quantized model to `out_dir` atomically: a temporary sibling folder renamed into place."""
+    out_dir = os.path.abspath(out_dir)
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        write_shards(checkpoint_tensors(model), tmp, parse_size(max_shard_size))
+        config = model.config.to_dict()
+        config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        if source_folder:
+            for name in AUX_FILES:
+                if os.path.isfile(os.path.join(source_folder, name)):
+                    shutil.copy2(os.path.join(source_folder, name), tmp)
+        else:
+            tokenizer.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+        replace_folder(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_folder(new: str, target: str) -> None:
+    """Move a finished folder to `target`, replacing an earlier one only after the new one is complete."""
+    old = f"{target}.old-{os.getpid()}"
+    if os.path.exists(target):
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_state_dict(folder: str) -> dict[str, torch.Tensor]:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    tensors = {}
+    for name in files:
+        tensors.update(load_file(os.path.join(folder, name)))
+    return tensors
+
+
+def load_quantized(folder: str) -> nn.Module:
+    """Read a folder written by `write_checkpoint` back into a model that computes the quantized outputs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise LiteError(f"{folder} is not a model folder (no config.json)")
+    with open(path) as f:
+        qc = json.load(f).get("quantization_config") or {}
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise LiteError(f"{folder} is not a {QUANT_METHOD} checkpoint (quantization_config: {qc})")
+    config = AutoConfig.from_pretrained(folder)
+    del config.quantization_config
+    dtype = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, str(config.dtype or "float32"))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    arch = arch_for(config)
+    qdtype = getattr(torch, qc["quant_dtype"])
+    migration = bool(qc.get("migration_scale"))
+    for prefix, block in decoder_blocks(model, arch).items():
+        if not migration:
+            for pair in arch.norm_pairs:
+                block.set_submodule(pair.norm, QRMSNorm.from_norm(block.get_submodule(pair.norm), arch.norm_offset, qdtype))
+        for name in quantized_linears(arch, block):
+            linear = block.get_submodule(name)
+            block.set_submodule(name, QLinear(linear.in_features, linear.out_features, linear.bias is not None,
+                                              qdtype, dtype, migration))
+    missing, unexpected = model.load_state_dict(read_state_dict(folder), strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        missing = [m for m in missing if m != f"{arch.lm_head}.weight"]
+        model.tie_weights()
+    if missing or unexpected:
+        raise LiteError(f"{folder} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.config.quantization_config = qc
+    return model

@@ -1,0 +1,156 @@
+"""Loading models and walking their decoder blocks.
+
+MODEL on the command line is a local folder, a Hugging Face hub id, or `tiny:<model_type>`: a small
+random model of that family that `lite` builds itself (with a byte-level tokenizer), so the whole
+pipeline runs on a fresh machine with no download.
+"""
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from lite.archs import ARCHS, Arch, arch_for
+from lite.errors import LiteError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TINY_PREFIX = "tiny:"
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def tiny_config(model_type: str, **overrides):
+    """A small config of `model_type` with grouped-query attention (8 query heads, 4 KV heads)."""
+    from transformers import AutoConfig
+
+    if model_type not in ARCHS:
+        raise LiteError(f"no tiny model for {model_type!r}; choose one of: {', '.join(sorted(ARCHS))}")
+    settings = dict(
+        vocab_size=258, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=512,
+        bos_token_id=256, eos_token_id=257, pad_token_id=None, tie_word_embeddings=True,
+    )
+    if model_type == "qwen2":
+        settings["use_sliding_window"] = False
+    settings.update(overrides)
+    return AutoConfig.for_model(model_type, **settings)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer over 256 byte tokens plus `<s>` (256) and `</s>` (257)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet, key=lambda c: ord(c)))}
+    vocab.update({"<s>": 256, "</s>": 257})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def build_tiny(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A random model of `model_type` from `tiny_config`, initialised with a fixed seed."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(model_type, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Random init leaves norm weights at their constant start; spread them so tests see real folding.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5) if ARCHS[model_type].norm_offset == 0 else p.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str  # what the user passed
+    folder: str | None  # the local folder the weights came from, if any
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def arch(self) -> Arch:
+        return arch_for(self.model.config)
+
+
+def resolve_dtype(name: str) -> torch.dtype | str:
+    if name == "auto":
+        return "auto"
+    if name not in DTYPES:
+        raise LiteError(f"--dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(source: str, dtype: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
+    """Load MODEL (folder, hub id or `tiny:<type>`) on the CPU in eval mode, checking its architecture."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    source = str(source)
+    if source.startswith(TINY_PREFIX):
+        model = build_tiny(source[len(TINY_PREFIX):], dtype=torch.float32 if torch_dtype == "auto" else torch_dtype)
+        return LoadedModel(model, byte_tokenizer(), source, None)
+    folder = None
+    if os.path.exists(source):
+        if not os.path.isdir(source) or not os.path.isfile(os.path.join(source, "config.json")):
+            raise LiteError(f"{source} is not a model folder (no config.json); pass a Hugging Face model folder or hub id")
+        folder = source
+    elif not _HUB_ID.match(source):
+        raise LiteError(f"model path {source} does not exist; pass a local model folder or a hub id like org/name")
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise LiteError(f"could not load {source}: not a local folder and not reachable on the hub ({e})") from e
+    arch_for(config)  # fail on an unsupported type before reading any weights
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    return LoadedModel(model.eval(), tokenizer, source, folder)
+
+
+def config_hash(config) -> str:
+    """A digest of the architecture-defining config, stable across tool and library versions."""
+    d = config.to_diff_dict() if hasattr(config, "to_diff_dict") else dict(config)
+    d = {k: v for k, v in d.items() if k not in ("transformers_version", "_name_or_path", "dtype", "torch_dtype",
+                                                 "quantization_config", "architectures")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_hash(model: nn.Module) -> str:
+    """A cheap digest of the weights (a few values of each tensor) that tells two checkpoints apart."""
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        flat = p.detach().reshape(-1)
+        h.update(name.encode())
+        h.update(flat[:: max(1, flat.numel() // 16)][:16].float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def decoder_blocks(model: nn.Module, arch: Arch) -> dict[str, nn.Module]:
+    """`{block fqn: block}` in order, e.g. `{"model.layers.0": ...}`."""
+    layers = model.get_submodule(arch.blocks)
+    return {f"{arch.blocks}.{i}": block for i, block in enumerate(layers)}
+
+
+def move_outside_blocks_(model: nn.Module, arch: Arch, device) -> None:
+    """Move every parameter and buffer except those inside the decoder blocks to `device`."""
+    inside = arch.blocks + "."
+    for name, module in model.named_modules():
+        if name == arch.blocks or name.startswith(inside):
+            continue
+        for key, p in module._parameters.items():
+            if p is not None:
+                p.data = p.data.to(device)
+        for key, b in module._buffers.items():
+            if b is not None:
+                module._buffers[key] = b.to(device)

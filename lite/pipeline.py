@@ -1,0 +1,250 @@
+"""The stages as the CLI runs them: read artifacts from the work dir, compute, write artifacts back.
+
+A work dir holds `inputs_stats.pth`, `outputs_stats.pth`, `migration_scales.pth`, the exported
+checkpoint (`quantized/` unless `--out-dir` says otherwise) and `lite_manifest.json`, which records
+which model the artifacts belong to and the settings each was made with, so that a later stage
+reuses an artifact only when it matches.
+"""
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lite import __version__
+from lite.archs import quantized_linears
+from lite.calibrate import STATS, collect_statistics
+from lite.data import calibration_tokens
+from lite.errors import LiteError
+from lite.export import quantize_model_, write_checkpoint
+from lite.model import LoadedModel, config_hash, decoder_blocks, load_model, weights_hash
+from lite.smooth import W_STATS, check_finite, migration_scales
+from lite.quant import QUANT_DTYPES
+
+MANIFEST = "lite_manifest.json"
+INPUTS_STATS, OUTPUTS_STATS, SCALES = "inputs_stats.pth", "outputs_stats.pth", "migration_scales.pth"
+
+
+@dataclass(frozen=True)
+class CalibSettings:
+    calib_dataset: str = "wikitext2"
+    calib_samples: int = 128
+    calib_seqlen: int = 2048
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (isinstance(self.calib_samples, int) and self.calib_samples >= 1):
+            raise LiteError(f"--calib-samples must be a positive integer, got {self.calib_samples!r}")
+        if not (isinstance(self.calib_seqlen, int) and self.calib_seqlen >= 2):
+            raise LiteError(f"--calib-seqlen must be an integer >= 2, got {self.calib_seqlen!r}")
+
+
+@dataclass(frozen=True)
+class SmoothSettings:
+    alpha: float = 0.5
+    w_stat: str = "lmdeploy"
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.alpha) <= 1.0:
+            raise LiteError(f"--alpha must lie in [0, 1], got {self.alpha}")
+        if self.w_stat not in W_STATS:
+            raise LiteError(f"--w-stat {self.w_stat!r} is not one of: {', '.join(W_STATS)}")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------- the work dir
+
+class WorkDir:
+    """The work dir and its manifest, bound to one model."""
+
+    def __init__(self, path: str, loaded: LoadedModel):
+        self.path = os.path.abspath(str(path))
+        self.identity = {"source": loaded.source, "config_hash": config_hash(loaded.config),
+                         "weights_hash": weights_hash(loaded.model)}
+        manifest = os.path.join(self.path, MANIFEST)
+        if os.path.isfile(manifest):
+            with open(manifest) as f:
+                self.manifest = json.load(f)
+            theirs = self.manifest.get("model", {})
+            if {k: theirs.get(k) for k in ("config_hash", "weights_hash")} != \
+                    {k: self.identity[k] for k in ("config_hash", "weights_hash")}:
+                raise LiteError(f"work dir {self.path} holds artifacts of another model ({theirs.get('source')}); "
+                                "use another --work-dir or empty this one")
+        else:
+            if os.path.isdir(self.path) and any(
+                    name == "config.json" or name.endswith(".safetensors") for name in os.listdir(self.path)):
+                raise LiteError(f"work dir {self.path} holds a model checkpoint not written by lite; "
+                                "pass an empty or new --work-dir so that nothing there is overwritten")
+            self.manifest = {"model": self.identity, "artifacts": {}}
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def settings_of(self, artifact: str) -> dict | None:
+        return self.manifest["artifacts"].get(artifact)
+
+    def save(self, artifact: str, settings: dict, tensors: dict[str, object]) -> None:
+        """Write artifact files (`{filename: obj}`) atomically, then record them in the manifest."""
+        os.makedirs(self.path, exist_ok=True)
+        for filename, obj in tensors.items():
+            tmp = self.file(f".{filename}.tmp")
+            torch.save(obj, tmp)
+            os.replace(tmp, self.file(filename))
+        self.record(artifact, settings)
+
+    def record(self, artifact: str, settings: dict) -> None:
+        self.manifest["artifacts"][artifact] = {**settings, "lite_version": __version__}
+        tmp = self.file(f".{MANIFEST}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.manifest, f, indent=2, sort_keys=True)
+        os.replace(tmp, self.file(MANIFEST))
+
+    def matches(self, artifact: str, settings: dict, files: tuple[str, ...]) -> bool:
+        recorded = self.settings_of(artifact)
+        return (recorded is not None and all(recorded.get(k) == v for k, v in settings.items())
+                and all(os.path.isfile(self.file(f)) for f in files))
+
+
+def _load_tensors(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt file; report which file it was
+        raise LiteError(f"could not read {path} ({type(e).__name__}: {e}); delete it and re-run") from e
+
+
+def validate_inputs_stats(stats: dict, loaded: LoadedModel, path: str) -> None:
+    """Every quantized linear has an absmax of its input width, finite; else name what is wrong."""
+    if not isinstance(stats, dict) or "absmax" not in stats:
+        raise LiteError(f"{path} is not a statistics file (expected keys {STATS}); re-run `lite calibrate`")
+    absmax = stats["absmax"]
+    missing = []
+    for prefix, block in decoder_blocks(loaded.model, loaded.arch).items():
+        for name in quantized_linears(loaded.arch, block):
+            fqn, width = f"{prefix}.{name}", block.get_submodule(name).in_features
+            if fqn not in absmax:
+                missing.append(fqn)
+                continue
+            if tuple(absmax[fqn].shape) != (width,):
+                raise LiteError(f"{path} was made from another model: {fqn} has {tuple(absmax[fqn].shape)} "
+                                f"channels, the model {width}; re-run `lite calibrate` for this model")
+            check_finite(fqn, absmax[fqn], f"{path} absmax")
+    if missing:
+        raise LiteError(f"{path} lacks statistics for {len(missing)} linears (first: {missing[0]}); it was made "
+                        "from another model or is incomplete; re-run `lite calibrate` for this model")
+
+
+def validate_scales(scales: dict, loaded: LoadedModel, path: str) -> None:
+    linears = {f"{p}.{n}": b.get_submodule(n) for p, b in decoder_blocks(loaded.model, loaded.arch).items()
+               for n in quantized_linears(loaded.arch, b)}
+    for fqn, s in scales.items():
+        if fqn not in linears:
+            raise LiteError(f"{path} names {fqn}, which is not a linear of this model; re-run `lite smooth`")
+        if tuple(s.shape) != (linears[fqn].in_features,):
+            raise LiteError(f"{path}: {fqn} has a scale of shape {tuple(s.shape)}, expected "
+                            f"({linears[fqn].in_features},); re-run `lite smooth` for this model")
+        check_finite(fqn, s, f"{path} migration scale")
+
+
+# ---------------------------------------------------------------------------- stages
+
+def run_calibrate(loaded: LoadedModel, work: WorkDir, calib: CalibSettings, batch_size: int, device: str,
+                  dtype: str) -> dict:
+    """Collect statistics and write both stats files; returns inputs_stats."""
+    tokens = calibration_tokens(loaded.tokenizer, calib.calib_dataset, calib.calib_samples,
+                                calib.calib_seqlen, calib.seed)
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise LiteError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    inputs, outputs = collect_statistics(loaded.model, loaded.arch, tokens, batch_size, device)
+    work.save("statistics", {**asdict(calib), "dtype": dtype}, {INPUTS_STATS: inputs, OUTPUTS_STATS: outputs})
+    return inputs
+
+
+def ensure_statistics(loaded, work, calib, batch_size, device, dtype) -> dict:
+    """inputs_stats from the work dir when made with these settings (or by another tool), else calibrate."""
+    settings = {**asdict(calib), "dtype": dtype}
+    path = work.file(INPUTS_STATS)
+    recorded = work.settings_of("statistics")
+    if os.path.isfile(path) and (recorded is None or work.matches("statistics", settings, (INPUTS_STATS,))):
+        stats = _load_tensors(path)
+        validate_inputs_stats(stats, loaded, path)
+        return stats
+    if recorded is not None:
+        print(f"statistics in {work.path} were made with other settings; calibrating again")
+    return run_calibrate(loaded, work, calib, batch_size, device, dtype)
+
+
+def run_smooth(loaded, work, calib, smoothing, batch_size, device, dtype) -> dict:
+    stats = ensure_statistics(loaded, work, calib, batch_size, device, dtype)
+    blocks = decoder_blocks(loaded.model, loaded.arch)
+    scales = migration_scales(blocks, loaded.arch, loaded.config, stats["absmax"], float(smoothing.alpha), smoothing.w_stat)
+    work.save("migration_scales", {**asdict(calib), "dtype": dtype, **asdict(smoothing)}, {SCALES: scales})
+    return scales
+
+
+def ensure_scales(loaded, work, calib, smoothing, batch_size, device, dtype) -> dict:
+    settings = {**asdict(calib), "dtype": dtype, **asdict(smoothing)}
+    if work.matches("migration_scales", settings, (SCALES,)):
+        scales = _load_tensors(work.file(SCALES))
+        validate_scales(scales, loaded, work.file(SCALES))
+        return scales
+    return run_smooth(loaded, work, calib, smoothing, batch_size, device, dtype)
+
+
+def run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir) -> str:
+    if quant_dtype not in QUANT_DTYPES:
+        raise LiteError(f"--quant-dtype {quant_dtype!r} is not one of: {', '.join(QUANT_DTYPES)}")
+    out_dir = os.path.abspath(out_dir or work.file("quantized"))
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and work.settings_of("export") is None:
+        raise LiteError(f"output folder {out_dir} exists and was not written by lite for this work dir; "
+                        "pass another --out-dir")
+    quantize_model_(loaded.model, quant_dtype, scales, export_migration_scale)
+    write_checkpoint(loaded.model, loaded.tokenizer, loaded.folder, out_dir, max_shard_size)
+    work.record("export", {"out_dir": out_dir, "quant_dtype": quant_dtype,
+                           "export_migration_scale": export_migration_scale, "smoothed": bool(scales)})
+    print(f"wrote {out_dir}")
+    return out_dir
+
+
+def open_model(model: str, work_dir: str, dtype: str, trust_remote_code: bool) -> tuple[LoadedModel, WorkDir]:
+    if work_dir is None:
+        raise LiteError("--work-dir is required: the folder where statistics, scales and the checkpoint go")
+    loaded = load_model(model, dtype, trust_remote_code)
+    return loaded, WorkDir(work_dir, loaded)
+
+
+def calibrate(model, work_dir, calib: CalibSettings, batch_size=4, device=None, dtype="auto",
+              trust_remote_code=False) -> None:
+    loaded, work = open_model(model, work_dir, dtype, trust_remote_code)
+    run_calibrate(loaded, work, calib, batch_size, device or default_device(), dtype)
+    print(f"wrote {work.file(INPUTS_STATS)} and {work.file(OUTPUTS_STATS)}")
+
+
+def smooth(model, work_dir, calib: CalibSettings, smoothing: SmoothSettings, batch_size=4, device=None,
+           dtype="auto", trust_remote_code=False) -> None:
+    loaded, work = open_model(model, work_dir, dtype, trust_remote_code)
+    run_smooth(loaded, work, calib, smoothing, batch_size, device or default_device(), dtype)
+    print(f"wrote {work.file(SCALES)}")
+
+
+def export(model, work_dir, quant_dtype="int8", export_migration_scale=False, max_shard_size="5GB", out_dir=None,
+           dtype="auto", trust_remote_code=False) -> str:
+    loaded, work = open_model(model, work_dir, dtype, trust_remote_code)
+    scales = None
+    if os.path.isfile(work.file(SCALES)):
+        scales = _load_tensors(work.file(SCALES))
+        validate_scales(scales, loaded, work.file(SCALES))
+    elif export_migration_scale:
+        print(f"no {SCALES} in {work.path}: every migration_scale will be ones")
+    return run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir)
+
+
+def smooth_quant(model, work_dir, calib: CalibSettings, smoothing: SmoothSettings, quant_dtype="int8",
+                 export_migration_scale=False, max_shard_size="5GB", out_dir=None, batch_size=4, device=None,
+                 dtype="auto", trust_remote_code=False) -> str:
+    loaded, work = open_model(model, work_dir, dtype, trust_remote_code)
+    scales = ensure_scales(loaded, work, calib, smoothing, batch_size, device or default_device(), dtype)
+    return run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir)

@@ -1,0 +1,91 @@
+"""Modules that live in an exported model: `QLinear` (W8A8) and `QRMSNorm`.
+
+Their forward is a plain-PyTorch reference of what an engine computes: weights int8 (or fp8 e4m3)
+with one scale per output channel, activations quantized per token at run time. The integer GEMM
+is emulated in fp32, which equals an int32 accumulation while partial sums stay below 2^24.
+"""
+
+import torch
+import torch.nn as nn
+
+from lite.quant import dequantize, fake_quantize_per_token, quantize_per_channel, quantize_per_token
+
+
+class QLinear(nn.Module):
+    """y = dequant(quant_token(x / migration_scale) @ quant_channel(W · diag(migration_scale))^T) + b."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, qdtype: torch.dtype,
+                 dtype: torch.dtype, migration_scale: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.qdtype = in_features, out_features, qdtype
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=qdtype, device=device))
+        self.register_buffer("scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer(
+            "migration_scale",
+            torch.ones(in_features, dtype=torch.float32, device=device) if migration_scale else None,
+        )
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, qdtype: torch.dtype, migration_scale: torch.Tensor | None = None):
+        """Quantize a float linear; with `migration_scale` its columns are multiplied by it first."""
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, qdtype,
+                linear.weight.dtype, migration_scale is not None, device=linear.weight.device)
+        w = linear.weight.float()
+        if migration_scale is not None:
+            q.migration_scale.copy_(migration_scale)
+            w = w * migration_scale  # (out, in) · (in,)
+        q.weight, q.scale = quantize_per_channel(w, qdtype)
+        if linear.bias is not None:
+            q.bias.copy_(linear.bias)
+        return q
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize(self.weight, self.scale)  # (out, in) fp32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        if self.migration_scale is not None:
+            h = h / self.migration_scale
+        xq, xs = quantize_per_token(h, self.qdtype)  # (..., in), (..., 1)
+        y = (xq.float() @ self.weight.float().T) * xs * self.scale.T  # (..., out)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"qdtype={self.qdtype}, bias={self.bias is not None}, "
+                f"migration_scale={self.migration_scale is not None}")
+
+
+class QRMSNorm(nn.Module):
+    """RMSNorm whose output is quantized per token, as an engine's fused norm+quant kernel does.
+
+    `offset` is 1 for Gemma (x · (1 + w)), 0 otherwise.
+    """
+
+    def __init__(self, hidden_size: int, eps: float, offset: float, qdtype: torch.dtype, dtype: torch.dtype,
+                 device=None):
+        super().__init__()
+        self.eps, self.offset, self.qdtype = eps, offset, qdtype
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
+
+    @classmethod
+    @torch.no_grad()
+    def from_norm(cls, norm: nn.Module, offset: float, qdtype: torch.dtype):
+        eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
+        q = cls(norm.weight.shape[0], eps, offset, qdtype, norm.weight.dtype, device=norm.weight.device)
+        q.weight.copy_(norm.weight)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = h * (self.offset + self.weight.float())
+        return fake_quantize_per_token(h, self.qdtype).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, offset={self.offset}, qdtype={self.qdtype}"
+

@@ -1,0 +1,159 @@
+"""SmoothQuant (Xiao et al., 2023): migration scales from statistics, and folding them into modules.
+
+For a producer P (a norm or a linear) feeding consumers C, the factor s over the channels between
+them satisfies  C(P(x)) = (C · diag(s)) ((P / s)(x)): the activation is divided by s and the
+consumer's weight columns multiplied by it, so the product is unchanged in exact arithmetic while
+the activation outliers move into the weights. Eq. (4) of the paper:
+
+    s_j = max|X_j|^alpha / w_j^(1 - alpha)
+
+with w_j the weight statistic of input channel j (see `W_STATS`).
+"""
+
+import torch
+import torch.nn as nn
+
+from lite.archs import Arch, LinearPair, kv_group_index
+from lite.errors import LiteError
+
+# The smallest factor we allow: a dead channel (max|X_j| = 0) must not turn into a division by 0.
+MIN_SCALE = 1e-5
+
+
+def column_absmax(w: torch.Tensor) -> torch.Tensor:
+    """The paper's weight statistic: max_i |W_ij| over output rows, `(in,)`."""
+    return w.abs().amax(dim=0)
+
+
+def row_normalized_mean(w: torch.Tensor) -> torch.Tensor:
+    """lmdeploy's weight statistic: mean_i |W_ij| / max_k |W_ik|, `(in,)`.
+
+    Normalizing each row first lets every output channel weigh equally, whatever its magnitude.
+    """
+    a = w.abs()
+    return (a / a.amax(dim=1, keepdim=True).clamp(min=MIN_SCALE)).mean(dim=0)
+
+
+W_STATS = {"absmax": column_absmax, "lmdeploy": row_normalized_mean}
+
+
+def smoothing_factors(act_absmax: torch.Tensor, w_stat: torch.Tensor, alpha: float, normalize: bool):
+    """Eq. (4): s = act_absmax^alpha / w_stat^(1 - alpha), clamped away from 0.
+
+    With `normalize`, s is divided by sqrt(max(s) * min(s)) (lmdeploy), which centres log s on 0 so
+    that producers and consumers change magnitude symmetrically.
+    """
+    a = act_absmax.float().clamp(min=MIN_SCALE)
+    w = w_stat.float().clamp(min=MIN_SCALE)
+    s = (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=MIN_SCALE)
+    if normalize:
+        s = s / (s.max() * s.min()).sqrt()
+    return s
+
+
+def check_finite(fqn: str, t: torch.Tensor, what: str) -> None:
+    """Raise naming the module and the first bad channel when `t` holds NaN or Inf."""
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        index = tuple(i.item() for i in bad.nonzero()[0])
+        channel = index[-1] if t.dim() else 0
+        raise LiteError(
+            f"{what} of {fqn} holds {t[index].item()} at channel {channel}; "
+            "the model or the statistics are corrupt — re-download the model or re-run `lite calibrate`"
+        )
+
+
+def _reduce_over_group(x: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """Max of `x` over the entries that share an index: `(len(index),)` -> `(size,)`."""
+    return torch.zeros(size, dtype=x.dtype).scatter_reduce(0, index, x, reduce="amax", include_self=False)
+
+
+def migration_scales(
+    blocks: dict[str, nn.Module], arch: Arch, config, act_absmax: dict[str, torch.Tensor],
+    alpha: float, w_stat: str,
+) -> dict[str, torch.Tensor]:
+    """`{consumer linear fqn: s (in_features,)}` for every smoothing pair of every block.
+
+    `blocks` maps each block's fqn prefix (`model.layers.3`) to the block; `act_absmax` maps linear
+    fqns to max|X| over calibration tokens (`inputs_stats["absmax"]`).
+    """
+    stat, normalize = W_STATS[w_stat], w_stat == "lmdeploy"
+    scales = {}
+    for prefix, block in blocks.items():
+        for pair in arch.norm_pairs:
+            names = [f"{prefix}.{name}" for name in pair.linears]
+            weights = [block.get_submodule(name).weight.detach().float() for name in pair.linears]
+            s = smoothing_factors(act_absmax[names[0]], stat(torch.cat(weights)), alpha, normalize)
+            scales.update({name: s for name in names})
+        for pair in arch.linear_pairs:
+            consumer = f"{prefix}.{pair.consumer}"
+            w = block.get_submodule(pair.consumer).weight.detach().float()
+            a, ws = act_absmax[consumer].float(), stat(w)
+            if pair.per_kv_head:
+                # One factor per V channel: reduce over the query heads that read it, then repeat.
+                index = kv_group_index(config)
+                size = int(index.max()) + 1
+                s = smoothing_factors(
+                    _reduce_over_group(a, index, size), _reduce_over_group(ws, index, size), alpha, normalize
+                )[index]
+            else:
+                s = smoothing_factors(a, ws, alpha, normalize)
+            scales[consumer] = s
+    return scales
+
+
+@torch.no_grad()
+def scale_columns_(linear: nn.Linear, s: torch.Tensor) -> None:
+    """W <- W · diag(s): the consumer side of smoothing."""
+    linear.weight.copy_((linear.weight.float() * s).to(linear.weight.dtype))
+
+
+@torch.no_grad()
+def divide_norm_(norm: nn.Module, s: torch.Tensor, offset: float) -> None:
+    """Fold 1/s into a norm computing x · (offset + w): w <- (offset + w) / s - offset."""
+    w = norm.weight.float()
+    norm.weight.copy_(((offset + w) / s - offset).to(norm.weight.dtype))
+
+
+@torch.no_grad()
+def divide_rows_(linear: nn.Linear, s: torch.Tensor, rows: slice) -> None:
+    """Fold 1/s into the output rows `rows` of a producing linear (weight and bias)."""
+    w = linear.weight
+    w[rows] = (w[rows].float() / s[:, None]).to(w.dtype)
+    if linear.bias is not None:
+        linear.bias[rows] = (linear.bias[rows].float() / s).to(linear.bias.dtype)
+
+
+def producer_factor(pair: LinearPair, config, s_consumer: torch.Tensor) -> torch.Tensor:
+    """The factor over the producer's channels that a consumer's factor came from."""
+    if not pair.per_kv_head:
+        return s_consumer
+    index = kv_group_index(config)
+    size = int(index.max()) + 1
+    s = torch.empty(size, dtype=s_consumer.dtype)
+    s[index] = s_consumer  # every query head of a group holds the same value
+    return s
+
+
+def fold_scales_(block: nn.Module, prefix: str, arch: Arch, config, scales: dict[str, torch.Tensor]) -> None:
+    """Fold migration scales into one block: producers divided, consumers multiplied."""
+    for pair in arch.norm_pairs:
+        names = [f"{prefix}.{name}" for name in pair.linears]
+        if names[0] not in scales:
+            continue
+        s = scales[names[0]].float()
+        for name in names[1:]:
+            if not torch.equal(scales[name], scales[names[0]]):
+                raise LiteError(f"{name} and {names[0]} read the same input but have different migration scales")
+        divide_norm_(block.get_submodule(pair.norm), s, arch.norm_offset)
+        for name in pair.linears:
+            scale_columns_(block.get_submodule(name), s)
+    for pair in arch.linear_pairs:
+        consumer = f"{prefix}.{pair.consumer}"
+        if consumer not in scales:
+            continue
+        s = scales[consumer].float()
+        producer = block.get_submodule(pair.producer)
+        rows = pair.producer_rows(config) if pair.producer_rows else slice(0, producer.out_features)
+        divide_rows_(producer, producer_factor(pair, config, s), rows)
+        scale_columns_(block.get_submodule(pair.consumer), s)
