@@ -9,6 +9,7 @@ import fire
 
 from lite import pipeline
 from lite.errors import LiteError
+from lite.observers import ActSettings
 from lite.pipeline import CalibSettings, SmoothSettings
 
 
@@ -69,13 +70,17 @@ def smooth(model, work_dir=None, alpha=0.5, w_stat="lmdeploy", calib_dataset="wi
 
 
 def export(model, work_dir=None, quant_dtype="int8", export_migration_scale=False, max_shard_size="5GB",
-           out_dir=None, dtype="auto", trust_remote_code=False):
-    """Quantize to W8A8 and write an lmdeploy smooth_quant checkpoint.
+           out_dir=None, dtype="auto", trust_remote_code=False, format="lmdeploy", act_scheme="dynamic",
+           act_observer="minmax", act_percentile=99.99, no_smooth=False, batch_size=4, device=None):
+    """Quantize to W8A8 and write an lmdeploy smooth_quant or a compressed-tensors checkpoint.
 
-    Applies WORK_DIR/migration_scales.pth when present, swaps every linear inside the decoder blocks
-    for a QLinear (weights per output channel, activations per token at run time) and the norms
-    feeding them for QRMSNorm, and writes sharded safetensors, config.json with
-    quantization_config and the tokenizer files. The folder appears only when complete.
+    Applies WORK_DIR/migration_scales.pth when present (unless --no-smooth), swaps every linear inside
+    the decoder blocks for a QLinear (weights per output channel; activations per token at run time,
+    or per tensor with calibrated static scales) and writes sharded safetensors, config.json with
+    quantization_config and the tokenizer files. lmdeploy format also turns the norms feeding the
+    linears into QRMSNorm; compressed-tensors keeps them plain with the smoothing folded in. The
+    folder appears only when complete; it is then read back and its logits compared with the
+    in-memory model's.
 
     Args:
         model: a local model folder, a hub id, or tiny:<model_type>.
@@ -88,16 +93,37 @@ def export(model, work_dir=None, quant_dtype="int8", export_migration_scale=Fals
         out_dir: where the checkpoint goes (default WORK_DIR/quantized).
         dtype: auto, float32, float16 or bfloat16 (embeddings, norms and lm_head keep it).
         trust_remote_code: allow model code from the hub.
+        format: lmdeploy (lmdeploy's smooth_quant layout, the default) or compressed-tensors
+            (int-quantized / float-quantized, read by vLLM, SGLang and transformers).
+        act_scheme: dynamic (per-token scales at run time, the default) or static (one calibrated
+            input_scale per linear; compressed-tensors only). Static reuses the calibration settings
+            recorded for WORK_DIR's statistics, so run `lite calibrate` first.
+        act_observer: how static scales pick their range: minmax (max |x| over all calibration
+            tokens, the default), percentile (see --act-percentile) or mse (the clip range minimizing
+            the quantization error). Linears reading the same input (q/k/v, gate/up) share one scale.
+        act_percentile: the percentile of |x| used by --act-observer percentile, e.g. 99.99.
+        no_smooth: ignore WORK_DIR/migration_scales.pth and quantize the unsmoothed model.
+        batch_size: sequences per forward call of the static-scale calibration pass.
+        device: where the static-scale calibration pass runs: cuda (default when available) or cpu.
     """
     pipeline.export(model, work_dir, quant_dtype, export_migration_scale, max_shard_size, out_dir, dtype,
-                    trust_remote_code)
+                    trust_remote_code, format, ActSettings(act_scheme, act_observer, float(act_percentile)),
+                    bool(no_smooth), batch_size, device)
 
 
 def smooth_quant(model, work_dir=None, quant_dtype="int8", export_migration_scale=False, alpha=0.5,
                  w_stat="lmdeploy", calib_dataset="wikitext2", calib_samples=128, calib_seqlen=2048,
-                 batch_size=4, seed=0, max_shard_size="5GB", out_dir=None, device=None, dtype="auto",
-                 trust_remote_code=False):
+                 batch_size="auto", seed=0, max_shard_size="5GB", out_dir=None, device=None, dtype="auto",
+                 trust_remote_code=False, format="lmdeploy", act_scheme="dynamic", act_observer="minmax",
+                 act_percentile=99.99, no_smooth=False, max_gpu_memory="8GiB"):
     """Calibrate, smooth and export in one command, reusing artifacts in WORK_DIR made with the same settings.
+
+    For a local folder of safetensors with no statistics or scales in WORK_DIR yet (lmdeploy format,
+    dynamic activations), all three run in one pass over the decoder blocks, streamed from the shards:
+    memory for one or two blocks and the calibration activations, not for the model.
+
+    With --act-scheme static the smoothed model is run over the calibration windows once more to
+    calibrate one input scale per linear, so the scales describe the inputs the linears will see.
 
     Args:
         model: a local model folder, a hub id, or tiny:<model_type>.
@@ -109,18 +135,28 @@ def smooth_quant(model, work_dir=None, quant_dtype="int8", export_migration_scal
         calib_dataset: wikitext2, c4, pileval, ptb, sample, or a .txt/.jsonl/.parquet file.
         calib_samples: number of calibration sequences.
         calib_seqlen: tokens per calibration sequence.
-        batch_size: sequences per forward call.
+        batch_size: sequences per forward call, or auto: as many as --max-gpu-memory allows when
+            streaming (4 otherwise).
         seed: seed for choosing the calibration windows.
         max_shard_size: largest safetensors shard, e.g. 5GB.
         out_dir: where the checkpoint goes (default WORK_DIR/quantized).
         device: cuda (default when available) or cpu.
         dtype: auto, float32, float16 or bfloat16.
         trust_remote_code: allow model code from the hub.
+        max_gpu_memory: device memory the streamed run plans for, e.g. 8GiB: block weights, cached
+            calibration activations (kept in pinned CPU memory when they do not fit) and the batch.
+        format: lmdeploy (default) or compressed-tensors (see `lite export --help`).
+        act_scheme: dynamic (per token, default) or static (per tensor, compressed-tensors only).
+        act_observer: minmax (default), percentile or mse; see `lite export --help`.
+        act_percentile: the percentile of |x| for --act-observer percentile, e.g. 99.99.
+        no_smooth: skip SmoothQuant altogether (no statistics, no migration scales); --alpha 0 is not
+            the same: at alpha 0, s = 1 / w still rescales every channel by its weight statistic.
     """
     calib = CalibSettings(calib_dataset, calib_samples, calib_seqlen, seed)
     pipeline.smooth_quant(model, work_dir, calib, SmoothSettings(float(alpha), w_stat), quant_dtype,
                           export_migration_scale, max_shard_size, out_dir, batch_size, device, dtype,
-                          trust_remote_code)
+                          trust_remote_code, format, ActSettings(act_scheme, act_observer, float(act_percentile)),
+                          bool(no_smooth), max_gpu_memory)
 
 
 def eval(*models, dataset="wikitext2", seqlen=512, samples=None, batch_size=8, device=None, json_out=None):

@@ -26,17 +26,22 @@ class RunningStats:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, channels)
-        a = x.abs()
+        # Three reads of x in its own dtype, no fp32 copy: min and max are exact in any dtype,
+        # max|x| = max(max x, -min x), and the sums accumulate in fp32.
+        x = x.detach().reshape(-1, x.shape[-1])  # (tokens, channels)
+        low, high = torch.aminmax(x, dim=0)
+        low, high = low.float(), high.float()
+        total = x.sum(0, dtype=torch.float32)
+        abstotal = torch.linalg.vector_norm(x, ord=1, dim=0, dtype=torch.float32)
         if self.count == 0:
-            self.max, self.min = x.amax(0), x.amin(0)
-            self.sum, self.absmax, self.abssum = x.sum(0), a.amax(0), a.sum(0)
+            self.max, self.min, self.sum, self.abssum = high, low, total, abstotal
+            self.absmax = torch.maximum(high, -low)
         else:
-            torch.maximum(self.max, x.amax(0), out=self.max)
-            torch.minimum(self.min, x.amin(0), out=self.min)
-            torch.maximum(self.absmax, a.amax(0), out=self.absmax)
-            self.sum += x.sum(0)
-            self.abssum += a.sum(0)
+            torch.maximum(self.max, high, out=self.max)
+            torch.minimum(self.min, low, out=self.min)
+            torch.maximum(self.absmax, torch.maximum(high, -low), out=self.absmax)
+            self.sum += total
+            self.abssum += abstotal
         self.count += x.shape[0]
 
     def result(self) -> dict[str, torch.Tensor]:
@@ -88,6 +93,35 @@ def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) 
     return outs
 
 
+def attach_observers(block: nn.Module, prefix: str, arch: Arch):
+    """Forward hooks that record statistics of a block's quantized linears (inputs and outputs) and of
+    the norms feeding them (outputs): `({fqn: RunningStats}, {fqn: RunningStats}, hook handles)`.
+
+    The linears of a norm pair read the norm's output, so they share its statistics (one pass, not one
+    per linear).
+    """
+    observed_in, observed_out, handles = {}, {}, []
+    linears, shared = quantized_linears(arch, block), set()
+    for pair in arch.norm_pairs:
+        stats = observed_out[f"{prefix}.{pair.norm}"] = RunningStats()
+        for name in set(pair.linears) & set(linears):
+            observed_in[f"{prefix}.{name}"] = stats
+            shared.add(name)
+
+    def observe(fqn, record_input):
+        def hook(module, args, out):
+            if record_input:
+                observed_in.setdefault(fqn, RunningStats()).update(args[0])
+            observed_out.setdefault(fqn, RunningStats()).update(out)
+        return hook
+
+    for name in linears:
+        handles.append(block.get_submodule(name).register_forward_hook(observe(f"{prefix}.{name}", name not in shared)))
+    for pair in arch.norm_pairs:
+        handles.append(block.get_submodule(pair.norm).register_forward_hook(observe(f"{prefix}.{pair.norm}", False)))
+    return observed_in, observed_out, handles
+
+
 @torch.no_grad()
 def collect_statistics(model: nn.Module, arch: Arch, tokens: torch.Tensor, batch_size: int, device,
                        progress: bool = True):
@@ -103,20 +137,10 @@ def collect_statistics(model: nn.Module, arch: Arch, tokens: torch.Tensor, batch
         hidden, kwargs = capture_block_inputs(model, arch, tokens, batch_size, device)
         blocks = decoder_blocks(model, arch)
         for prefix, block in tqdm(blocks.items(), desc="calibrate", unit="block", disable=not progress):
+            for name, p in block.named_parameters():  # a NaN weight would surface as a NaN statistic
+                check_finite(f"{prefix}.{name}", p.detach(), "weight")
             block.to(device)
-            observed_in, observed_out, handles = {}, {}, []
-
-            def observe(fqn, record_input):
-                def hook(module, args, out):
-                    if record_input:
-                        observed_in.setdefault(fqn, RunningStats()).update(args[0])
-                    observed_out.setdefault(fqn, RunningStats()).update(out)
-                return hook
-
-            for name in quantized_linears(arch, block):
-                handles.append(block.get_submodule(name).register_forward_hook(observe(f"{prefix}.{name}", True)))
-            for pair in arch.norm_pairs:
-                handles.append(block.get_submodule(pair.norm).register_forward_hook(observe(f"{prefix}.{pair.norm}", False)))
+            observed_in, observed_out, handles = attach_observers(block, prefix, arch)
             try:
                 hidden = run_block(block, hidden, kwargs)
             finally:

@@ -14,6 +14,7 @@ import torch
 from lite.errors import LiteError
 
 SAMPLE_TEXT = os.path.join(os.path.dirname(__file__), "data", "sample.txt")
+RANDOM = "random"  # uniform random token ids: see `calibration_tokens`
 
 
 def _hub(path, name, split, field, data_files=None):
@@ -87,10 +88,18 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration_tokens(tokenizer, dataset: str, samples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """`samples` windows of `seqlen` tokens (BOS first when the tokenizer has one): `(samples, seqlen)`."""
+def calibration_tokens(tokenizer, dataset: str, samples: int, seqlen: int, seed: int,
+                       vocab_size: int | None = None) -> torch.Tensor:
+    """`samples` windows of `seqlen` tokens (BOS first when the tokenizer has one): `(samples, seqlen)`.
+
+    The dataset `random` (for benchmarks and tests, not listed in the help) is uniform token ids
+    below `vocab_size` (the model's; the tokenizer's length when not given), drawn with `seed`.
+    """
     if samples < 1 or seqlen < 2:
         raise LiteError(f"need --calib-samples >= 1 and --calib-seqlen >= 2, got {samples} and {seqlen}")
+    if dataset == RANDOM:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, vocab_size or len(tokenizer), (samples, seqlen), generator=g)
     ids = tokenize(tokenizer, load_text(dataset))
     bos = tokenizer.bos_token_id
     body = seqlen - (bos is not None)

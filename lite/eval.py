@@ -46,21 +46,14 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, device: str = 
 
 
 def load_for_eval(source: str):
-    """(model, tokenizer) for a float model or a checkpoint lite wrote."""
-    import json
-    import os
-
-    from lite.export import QUANT_METHOD, load_quantized
+    """(model, tokenizer) for a float model or a checkpoint lite wrote (lmdeploy or compressed-tensors)."""
+    from lite.formats import READERS, load_checkpoint, quant_method_of
     from lite.model import load_model
 
-    config = os.path.join(str(source), "config.json")
-    if os.path.isfile(config):
-        with open(config) as f:
-            qc = json.load(f).get("quantization_config") or {}
-        if qc.get("quant_method") == QUANT_METHOD:
-            from transformers import AutoTokenizer
+    if quant_method_of(source) in READERS:
+        from transformers import AutoTokenizer
 
-            return load_quantized(source), AutoTokenizer.from_pretrained(source)
+        return load_checkpoint(source), AutoTokenizer.from_pretrained(source)
     loaded = load_model(source)
     return loaded.model, loaded.tokenizer
 
@@ -74,6 +67,7 @@ def evaluate(models: list[str], dataset: str, seqlen: int, samples: int | None, 
     import torch
 
     from lite.data import load_text
+    from lite.formats import describe
 
     if not models:
         raise LiteError("name at least one model: lite eval MODEL [MODEL ...]")
@@ -84,17 +78,18 @@ def evaluate(models: list[str], dataset: str, seqlen: int, samples: int | None, 
         model, tokenizer = load_for_eval(source)
         windows, _ = eval_windows(tokenizer, text, seqlen, samples)
         ppl = perplexity(model.to(device), windows, batch_size, device)
-        qc = getattr(model.config, "quantization_config", None) or {}
-        rows.append({"model": str(source), "quantization": qc.get("quant_method", "none"), "perplexity": ppl,
+        rows.append({"model": str(source), "quantization": describe(getattr(model.config, "quantization_config", None)),
+                     "perplexity": ppl,
                      "windows": windows.shape[0], "seqlen": seqlen, "dataset": dataset})
         del model
     base = rows[0]["perplexity"]
     for row in rows:
         row["relative_change_pct"] = 100.0 * (row["perplexity"] / base - 1.0)
     width = max(len(r["model"]) for r in rows)
-    print(f"{'model':<{width}}  {'quantization':<13} {'perplexity':>11} {'change':>9}")
+    qwidth = max(12, *(len(r["quantization"]) for r in rows))
+    print(f"{'model':<{width}}  {'quantization':<{qwidth}} {'perplexity':>11} {'change':>9}")
     for r in rows:
-        print(f"{r['model']:<{width}}  {r['quantization']:<13} {r['perplexity']:>11.4f} "
+        print(f"{r['model']:<{width}}  {r['quantization']:<{qwidth}} {r['perplexity']:>11.4f} "
               f"{r['relative_change_pct']:>+8.3f}%")
     if json_out:
         tmp = f"{json_out}.tmp"

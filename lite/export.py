@@ -9,10 +9,11 @@ QRMSNorm (their `weight` stays in the model dtype). Embeddings, final norm and `
 import json
 import os
 import shutil
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from lite.archs import Arch, arch_for, quantized_linears
@@ -20,6 +21,7 @@ from lite.errors import LiteError
 from lite.model import decoder_blocks
 from lite.qmodules import QLinear, QRMSNorm
 from lite.quant import quant_dtype_of
+from lite.shards import ShardWriter
 from lite.smooth import check_finite, fold_scales_
 
 QUANT_METHOD = "smooth_quant"
@@ -53,7 +55,7 @@ def quantize_block_(block: nn.Module, prefix: str, arch: Arch, config, qdtype: t
         linear = block.get_submodule(name)
         ms = None
         if export_migration_scale:
-            ms = scales.get(f"{prefix}.{name}", torch.ones(linear.in_features)).float()
+            ms = scales.get(f"{prefix}.{name}", torch.ones(linear.in_features, device=linear.weight.device)).float()
         block.set_submodule(name, QLinear.from_linear(linear, qdtype, ms))
 
 
@@ -96,53 +98,55 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def write_shards(tensors: dict[str, torch.Tensor], folder: str, max_shard_size: int) -> None:
     """`model.safetensors`, or `model-0000i-of-0000n.safetensors` plus an index when over one shard."""
-    shards, current, size = [], {}, 0
+    writer = ShardWriter(folder, [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()], max_shard_size)
     for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_size:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(folder, filename), metadata={"format": "pt"})
-        weight_map.update({name: filename for name in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        writer.write(name, t)
+    writer.close()
 
 
 def write_checkpoint(model: nn.Module, tokenizer, source_folder: str | None, out_dir: str,
-                     max_shard_size: int | str = "5GB") -> None:
-    """Write a quantized model to `out_dir` atomically: a temporary sibling folder renamed into place."""
+                     max_shard_size: int | str = "5GB", tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a quantized model to `out_dir` atomically: a temporary sibling folder renamed into place.
+
+    `tensors` replaces the model's state dict when a format names tensors differently.
+    """
+    with staged_folder(out_dir) as tmp:
+        write_shards(checkpoint_tensors(model) if tensors is None else tensors, tmp, parse_size(max_shard_size))
+        write_model_files(tmp, model.config, next(model.parameters()).dtype, tokenizer, source_folder,
+                          getattr(model, "generation_config", None))
+
+
+@contextmanager
+def staged_folder(out_dir: str):
+    """A temporary sibling of `out_dir` to write into, moved into place when the `with` body completes
+    and removed when it raises."""
     out_dir = os.path.abspath(out_dir)
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        write_shards(checkpoint_tensors(model), tmp, parse_size(max_shard_size))
-        config = model.config.to_dict()
-        config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        if source_folder:
-            for name in AUX_FILES:
-                if os.path.isfile(os.path.join(source_folder, name)):
-                    shutil.copy2(os.path.join(source_folder, name), tmp)
-        else:
-            tokenizer.save_pretrained(tmp)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(tmp)
+        yield tmp
         replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_model_files(folder: str, config, dtype: torch.dtype, tokenizer, source_folder: str | None,
+                      generation_config=None) -> None:
+    """config.json (with `dtype`) and the tokenizer files: copied from the source folder, else saved."""
+    config = config.to_dict()
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    if source_folder:
+        for name in AUX_FILES:
+            if os.path.isfile(os.path.join(source_folder, name)):
+                shutil.copy2(os.path.join(source_folder, name), folder)
+    else:
+        tokenizer.save_pretrained(folder)
+        if generation_config is not None:
+            generation_config.save_pretrained(folder)
 
 
 def replace_folder(new: str, target: str) -> None:

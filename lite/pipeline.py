@@ -17,8 +17,9 @@ from lite.archs import quantized_linears
 from lite.calibrate import STATS, collect_statistics
 from lite.data import calibration_tokens
 from lite.errors import LiteError
-from lite.export import quantize_model_, write_checkpoint
+from lite.formats import check_export_options, check_readback, quantize_and_write
 from lite.model import LoadedModel, config_hash, decoder_blocks, load_model, weights_hash
+from lite.observers import ActSettings
 from lite.smooth import W_STATS, check_finite, migration_scales
 from lite.quant import QUANT_DTYPES
 
@@ -61,10 +62,11 @@ def default_device() -> str:
 class WorkDir:
     """The work dir and its manifest, bound to one model."""
 
-    def __init__(self, path: str, loaded: LoadedModel):
+    def __init__(self, path: str, loaded: LoadedModel | None, identity: dict | None = None):
+        """`identity` (source, config_hash, weights_hash) stands in for `loaded` when the model is streamed."""
         self.path = os.path.abspath(str(path))
-        self.identity = {"source": loaded.source, "config_hash": config_hash(loaded.config),
-                         "weights_hash": weights_hash(loaded.model)}
+        self.identity = identity or {"source": loaded.source, "config_hash": config_hash(loaded.config),
+                                     "weights_hash": weights_hash(loaded.model)}
         manifest = os.path.join(self.path, MANIFEST)
         if os.path.isfile(manifest):
             with open(manifest) as f:
@@ -98,6 +100,7 @@ class WorkDir:
 
     def record(self, artifact: str, settings: dict) -> None:
         self.manifest["artifacts"][artifact] = {**settings, "lite_version": __version__}
+        os.makedirs(self.path, exist_ok=True)  # export with --out-dir elsewhere may be the first write here
         tmp = self.file(f".{MANIFEST}.tmp")
         with open(tmp, "w") as f:
             json.dump(self.manifest, f, indent=2, sort_keys=True)
@@ -155,7 +158,7 @@ def run_calibrate(loaded: LoadedModel, work: WorkDir, calib: CalibSettings, batc
                   dtype: str) -> dict:
     """Collect statistics and write both stats files; returns inputs_stats."""
     tokens = calibration_tokens(loaded.tokenizer, calib.calib_dataset, calib.calib_samples,
-                                calib.calib_seqlen, calib.seed)
+                                calib.calib_seqlen, calib.seed, loaded.config.vocab_size)
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise LiteError(f"--batch-size must be a positive integer, got {batch_size!r}")
     inputs, outputs = collect_statistics(loaded.model, loaded.arch, tokens, batch_size, device)
@@ -194,16 +197,45 @@ def ensure_scales(loaded, work, calib, smoothing, batch_size, device, dtype) -> 
     return run_smooth(loaded, work, calib, smoothing, batch_size, device, dtype)
 
 
-def run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir) -> str:
-    if quant_dtype not in QUANT_DTYPES:
-        raise LiteError(f"--quant-dtype {quant_dtype!r} is not one of: {', '.join(QUANT_DTYPES)}")
+def readback_batches(tokenizer, tokens: torch.Tensor | None) -> list[torch.Tensor]:
+    """Two batches of one window (at most 128 tokens) for the read-back check: calibration windows
+    when there are any, else windows of the text shipped with lite."""
+    if tokens is None:
+        tokens = calibration_tokens(tokenizer, "sample", 2, 128, 0)
+    return [window[None, :128] for window in tokens[:2]]
+
+
+def check_out_dir(work: WorkDir, out_dir: str | None) -> str:
+    """The absolute output folder (default WORK_DIR/quantized); refuses one lite did not write."""
     out_dir = os.path.abspath(out_dir or work.file("quantized"))
     if os.path.isdir(out_dir) and os.listdir(out_dir) and work.settings_of("export") is None:
         raise LiteError(f"output folder {out_dir} exists and was not written by lite for this work dir; "
                         "pass another --out-dir")
-    quantize_model_(loaded.model, quant_dtype, scales, export_migration_scale)
-    write_checkpoint(loaded.model, loaded.tokenizer, loaded.folder, out_dir, max_shard_size)
-    work.record("export", {"out_dir": out_dir, "quant_dtype": quant_dtype,
+    return out_dir
+
+
+def run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir,
+               fmt="lmdeploy", act=ActSettings(), calib=None, batch_size=4, device="cpu") -> str:
+    """Quantize and write in `fmt`, then read the folder back and compare logits.
+
+    `calib` (the calibration settings) gives the windows for static activation scales and the
+    read-back check; it is required for static scales.
+    """
+    if quant_dtype not in QUANT_DTYPES:
+        raise LiteError(f"--quant-dtype {quant_dtype!r} is not one of: {', '.join(QUANT_DTYPES)}")
+    check_export_options(fmt, act, export_migration_scale)
+    out_dir = check_out_dir(work, out_dir)
+    tokens = None
+    if calib is not None:
+        tokens = calibration_tokens(loaded.tokenizer, calib.calib_dataset, calib.calib_samples,
+                                    calib.calib_seqlen, calib.seed, loaded.config.vocab_size)
+    elif act.static:
+        raise LiteError("--act-scheme static needs calibration windows; run `lite calibrate` on this work dir "
+                        "first (its settings are reused) or use `lite smooth_quant`")
+    quantize_and_write(loaded, fmt, quant_dtype, scales, export_migration_scale, act, tokens, batch_size, device,
+                       out_dir, max_shard_size)
+    check_readback(loaded.model, out_dir, readback_batches(loaded.tokenizer, tokens))
+    work.record("export", {"out_dir": out_dir, "quant_dtype": quant_dtype, "format": fmt, **asdict(act),
                            "export_migration_scale": export_migration_scale, "smoothed": bool(scales)})
     print(f"wrote {out_dir}")
     return out_dir
@@ -230,21 +262,50 @@ def smooth(model, work_dir, calib: CalibSettings, smoothing: SmoothSettings, bat
     print(f"wrote {work.file(SCALES)}")
 
 
+def recorded_calib(work: WorkDir) -> CalibSettings | None:
+    """The calibration settings the work dir's statistics were made with, if lite made them."""
+    recorded = work.settings_of("statistics")
+    if recorded is None:
+        return None
+    return CalibSettings(**{k: recorded[k] for k in asdict(CalibSettings()) if k in recorded})
+
+
 def export(model, work_dir, quant_dtype="int8", export_migration_scale=False, max_shard_size="5GB", out_dir=None,
-           dtype="auto", trust_remote_code=False) -> str:
+           dtype="auto", trust_remote_code=False, fmt="lmdeploy", act=ActSettings(), no_smooth=False,
+           batch_size=4, device=None) -> str:
     loaded, work = open_model(model, work_dir, dtype, trust_remote_code)
+    check_export_options(fmt, act, export_migration_scale)
     scales = None
-    if os.path.isfile(work.file(SCALES)):
+    if os.path.isfile(work.file(SCALES)) and not no_smooth:
         scales = _load_tensors(work.file(SCALES))
         validate_scales(scales, loaded, work.file(SCALES))
     elif export_migration_scale:
-        print(f"no {SCALES} in {work.path}: every migration_scale will be ones")
-    return run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir)
+        print(f"no {SCALES} in {work.path} (or --no-smooth): every migration_scale will be ones")
+    return run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir,
+                      fmt, act, recorded_calib(work) if act.static else None, batch_size, device or default_device())
 
 
 def smooth_quant(model, work_dir, calib: CalibSettings, smoothing: SmoothSettings, quant_dtype="int8",
                  export_migration_scale=False, max_shard_size="5GB", out_dir=None, batch_size=4, device=None,
-                 dtype="auto", trust_remote_code=False) -> str:
+                 dtype="auto", trust_remote_code=False, fmt="lmdeploy", act=ActSettings(), no_smooth=False,
+                 max_gpu_memory="8GiB") -> str:
+    check_export_options(fmt, act, export_migration_scale)
+    device = device or default_device()
+    if fmt == "lmdeploy" and not act.static and not no_smooth:
+        # A local safetensors folder and nothing to reuse in the work dir: one streamed pass over the blocks.
+        from lite import stream
+
+        if work_dir is not None and stream.is_streamable(model):
+            streamed = stream.open_streamed(model, dtype, trust_remote_code)
+            if streamed is not None:
+                work = WorkDir(work_dir, None, stream.identity(streamed))
+                if not any(os.path.exists(work.file(f)) for f in (INPUTS_STATS, SCALES)):
+                    return stream.stream_smooth_quant(streamed, work, calib, smoothing, quant_dtype,
+                                                      export_migration_scale, max_shard_size, out_dir, batch_size,
+                                                      device, dtype, max_gpu_memory)
+    if batch_size == "auto":
+        batch_size = 4
     loaded, work = open_model(model, work_dir, dtype, trust_remote_code)
-    scales = ensure_scales(loaded, work, calib, smoothing, batch_size, device or default_device(), dtype)
-    return run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir)
+    scales = None if no_smooth else ensure_scales(loaded, work, calib, smoothing, batch_size, device, dtype)
+    return run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir,
+                      fmt, act, calib, batch_size, device)

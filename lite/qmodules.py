@@ -1,21 +1,45 @@
 """Modules that live in an exported model: `QLinear` (W8A8) and `QRMSNorm`.
 
 Their forward is a plain-PyTorch reference of what an engine computes: weights int8 (or fp8 e4m3)
-with one scale per output channel, activations quantized per token at run time. The integer GEMM
-is emulated in fp32, which equals an int32 accumulation while partial sums stay below 2^24.
+with one scale per output channel, activations quantized per token at run time (or, with a static
+`input_scale`, with one calibrated scale per tensor). The integer GEMM is emulated in fp32, which
+equals an int32 accumulation while partial sums stay below 2^24; on CUDA, int8 runs `torch._int_mm`
+where its shape rules allow.
 """
 
 import torch
 import torch.nn as nn
 
-from lite.quant import dequantize, fake_quantize_per_token, quantize_per_channel, quantize_per_token
+from lite.quant import (dequantize, fake_quantize_per_token, quantize, quantize_per_channel, quantize_per_token,
+                        row_chunks)
+
+
+def integer_matmul(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """xq `(..., in)` @ w `(out, in)`^T for int8 or fp8 codes, as fp32 `(..., out)` before any scaling.
+
+    torch._int_mm (int8 x int8 -> exact int32 on CUDA) needs more than 16 rows and `in`, `out`
+    multiples of 8. Every other case (CPU, fp8, small or odd shapes) takes the reference path: an fp32
+    matmul of the integer values, exact while partial sums stay below 2^24 and within fp32 rounding
+    beyond that.
+    """
+    x2 = xq.reshape(-1, xq.shape[-1])  # (tokens, in)
+    if (x2.is_cuda and x2.dtype == torch.int8 and x2.shape[0] > 16
+            and x2.shape[1] % 8 == 0 and w.shape[0] % 8 == 0):
+        y = torch._int_mm(x2, w.T).float()  # (tokens, out) int32 -> fp32
+    else:
+        y = x2.float() @ w.float().T  # (tokens, out)
+    return y.reshape(*xq.shape[:-1], w.shape[0])
 
 
 class QLinear(nn.Module):
-    """y = dequant(quant_token(x / migration_scale) @ quant_channel(W · diag(migration_scale))^T) + b."""
+    """y = dequant(quant_token(x / migration_scale) @ quant_channel(W · diag(migration_scale))^T) + b.
+
+    With `input_scale` (fp32 `(1,)`, a static per-tensor scale calibrated at export) the input is
+    quantized with that scale instead of one computed per token.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, qdtype: torch.dtype,
-                 dtype: torch.dtype, migration_scale: bool = False, device=None):
+                 dtype: torch.dtype, migration_scale: bool = False, device=None, input_scale: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.qdtype = in_features, out_features, qdtype
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=qdtype, device=device))
@@ -25,18 +49,30 @@ class QLinear(nn.Module):
             "migration_scale",
             torch.ones(in_features, dtype=torch.float32, device=device) if migration_scale else None,
         )
+        self.register_buffer(
+            "input_scale", torch.ones(1, dtype=torch.float32, device=device) if input_scale else None)
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, qdtype: torch.dtype, migration_scale: torch.Tensor | None = None):
-        """Quantize a float linear; with `migration_scale` its columns are multiplied by it first."""
+    def from_linear(cls, linear: nn.Linear, qdtype: torch.dtype, migration_scale: torch.Tensor | None = None,
+                    input_scale: torch.Tensor | None = None):
+        """Quantize a float linear; with `migration_scale` its columns are multiplied by it first.
+
+        `input_scale` (one value) makes the input quantization static per tensor.
+        """
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, qdtype,
-                linear.weight.dtype, migration_scale is not None, device=linear.weight.device)
-        w = linear.weight.float()
+                linear.weight.dtype, migration_scale is not None, device=linear.weight.device,
+                input_scale=input_scale is not None)
+        if input_scale is not None:
+            q.input_scale.copy_(input_scale.reshape(1))
         if migration_scale is not None:
             q.migration_scale.copy_(migration_scale)
-            w = w * migration_scale  # (out, in) · (in,)
-        q.weight, q.scale = quantize_per_channel(w, qdtype)
+        # Rows quantize independently: a chunk at a time keeps the fp32 copies of large weights small.
+        for rows in row_chunks(*linear.weight.shape):
+            w = linear.weight[rows].float()  # (rows, in)
+            if migration_scale is not None:
+                w = w * migration_scale  # (rows, in) · (in,)
+            q.weight[rows], q.scale[rows] = quantize_per_channel(w, qdtype)
         if linear.bias is not None:
             q.bias.copy_(linear.bias)
         return q
@@ -48,8 +84,12 @@ class QLinear(nn.Module):
         h = x.float()
         if self.migration_scale is not None:
             h = h / self.migration_scale
-        xq, xs = quantize_per_token(h, self.qdtype)  # (..., in), (..., 1)
-        y = (xq.float() @ self.weight.float().T) * xs * self.scale.T  # (..., out)
+        if self.input_scale is not None:
+            xs = self.input_scale  # (1,)
+            xq = quantize(h, xs, self.qdtype)  # (..., in)
+        else:
+            xq, xs = quantize_per_token(h, self.qdtype)  # (..., in), (..., 1)
+        y = integer_matmul(xq, self.weight) * xs * self.scale.T  # (..., out)
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
@@ -57,7 +97,8 @@ class QLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"qdtype={self.qdtype}, bias={self.bias is not None}, "
-                f"migration_scale={self.migration_scale is not None}")
+                f"migration_scale={self.migration_scale is not None}, "
+                f"input_scale={'static' if self.input_scale is not None else 'per-token'}")
 
 
 class QRMSNorm(nn.Module):

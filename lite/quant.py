@@ -7,6 +7,9 @@ e4m3, values clamped to the type's range. An all-zero row or token gets scale 1 
 import torch
 
 QUANT_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+# Large weights are handled this many elements at a time (16 MiB in fp32), so that their fp32 copies
+# stay small (a 70B model's gate_proj alone is 0.9 GB in fp32) while each kernel still has plenty to do.
+CHUNK_ELEMENTS = 1 << 22
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 
 
@@ -50,3 +53,10 @@ def fake_quantize_per_token(x: torch.Tensor, qdtype: torch.dtype) -> torch.Tenso
     """x rounded to the per-token grid, in fp32."""
     q, scale = quantize_per_token(x, qdtype)
     return dequantize(q, scale)
+
+
+def row_chunks(rows: int, in_features: int, start: int = 0) -> list[slice]:
+    """Slices covering rows [start, start + rows) of a `(rows, in_features)` weight, about
+    `CHUNK_ELEMENTS` elements each: for row-wise work whose fp32 temporaries must stay small."""
+    step = max(1, CHUNK_ELEMENTS // max(1, in_features))
+    return [slice(i, min(i + step, start + rows)) for i in range(start, start + rows, step)]

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from lite.archs import Arch, LinearPair, kv_group_index
 from lite.errors import LiteError
+from lite.quant import CHUNK_ELEMENTS, row_chunks
 
 # The smallest factor we allow: a dead channel (max|X_j| = 0) must not turn into a division by 0.
 MIN_SCALE = 1e-5
@@ -37,6 +38,26 @@ def row_normalized_mean(w: torch.Tensor) -> torch.Tensor:
 W_STATS = {"absmax": column_absmax, "lmdeploy": row_normalized_mean}
 
 
+def weight_statistic(weights: list[torch.Tensor], w_stat: str) -> torch.Tensor:
+    """`W_STATS[w_stat]` of the weights stacked by rows, `(in,)`, in fp32; a chunk of rows at a time
+    when they hold more than `CHUNK_ELEMENTS` (the mean then sums in another order: equal to rounding)."""
+    if sum(w.numel() for w in weights) <= CHUNK_ELEMENTS:
+        return W_STATS[w_stat](torch.cat([w.float() for w in weights]))
+    total, rows = None, 0
+    for w in weights:
+        for chunk in row_chunks(w.shape[0], w.shape[1]):
+            part = w[chunk].float()  # (rows, in)
+            if w_stat == "absmax":
+                value = column_absmax(part)
+                total = value if total is None else torch.maximum(total, value)
+            else:  # the mean of row_normalized_mean, as a sum over all rows divided once
+                a = part.abs()
+                value = (a / a.amax(dim=1, keepdim=True).clamp(min=MIN_SCALE)).sum(dim=0)
+                total = value if total is None else total + value
+            rows += part.shape[0]
+    return total if w_stat == "absmax" else total / rows
+
+
 def smoothing_factors(act_absmax: torch.Tensor, w_stat: torch.Tensor, alpha: float, normalize: bool):
     """Eq. (4): s = act_absmax^alpha / w_stat^(1 - alpha), clamped away from 0.
 
@@ -56,16 +77,20 @@ def check_finite(fqn: str, t: torch.Tensor, what: str) -> None:
     bad = ~torch.isfinite(t)
     if bad.any():
         index = tuple(i.item() for i in bad.nonzero()[0])
-        channel = index[-1] if t.dim() else 0
+        if t.dim() == 2:  # a weight (out, in)
+            where = f"output channel {index[0]}, input channel {index[1]}"
+        else:
+            where = f"channel {index[-1] if t.dim() else 0}"
         raise LiteError(
-            f"{what} of {fqn} holds {t[index].item()} at channel {channel}; "
+            f"{what} of {fqn} holds {t[index].item()} at {where}; "
             "the model or the statistics are corrupt — re-download the model or re-run `lite calibrate`"
         )
 
 
 def _reduce_over_group(x: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
     """Max of `x` over the entries that share an index: `(len(index),)` -> `(size,)`."""
-    return torch.zeros(size, dtype=x.dtype).scatter_reduce(0, index, x, reduce="amax", include_self=False)
+    return torch.zeros(size, dtype=x.dtype, device=x.device).scatter_reduce(0, index, x, reduce="amax",
+                                                                          include_self=False)
 
 
 def migration_scales(
@@ -77,21 +102,21 @@ def migration_scales(
     `blocks` maps each block's fqn prefix (`model.layers.3`) to the block; `act_absmax` maps linear
     fqns to max|X| over calibration tokens (`inputs_stats["absmax"]`).
     """
-    stat, normalize = W_STATS[w_stat], w_stat == "lmdeploy"
+    normalize = w_stat == "lmdeploy"
     scales = {}
     for prefix, block in blocks.items():
         for pair in arch.norm_pairs:
             names = [f"{prefix}.{name}" for name in pair.linears]
-            weights = [block.get_submodule(name).weight.detach().float() for name in pair.linears]
-            s = smoothing_factors(act_absmax[names[0]], stat(torch.cat(weights)), alpha, normalize)
+            weights = [block.get_submodule(name).weight.detach() for name in pair.linears]
+            s = smoothing_factors(act_absmax[names[0]], weight_statistic(weights, w_stat), alpha, normalize)
             scales.update({name: s for name in names})
         for pair in arch.linear_pairs:
             consumer = f"{prefix}.{pair.consumer}"
-            w = block.get_submodule(pair.consumer).weight.detach().float()
-            a, ws = act_absmax[consumer].float(), stat(w)
+            w = block.get_submodule(pair.consumer).weight.detach()
+            a, ws = act_absmax[consumer].float(), weight_statistic([w], w_stat)
             if pair.per_kv_head:
                 # One factor per V channel: reduce over the query heads that read it, then repeat.
-                index = kv_group_index(config)
+                index = kv_group_index(config).to(a.device)
                 size = int(index.max()) + 1
                 s = smoothing_factors(
                     _reduce_over_group(a, index, size), _reduce_over_group(ws, index, size), alpha, normalize
@@ -105,7 +130,9 @@ def migration_scales(
 @torch.no_grad()
 def scale_columns_(linear: nn.Linear, s: torch.Tensor) -> None:
     """W <- W · diag(s): the consumer side of smoothing."""
-    linear.weight.copy_((linear.weight.float() * s).to(linear.weight.dtype))
+    w = linear.weight
+    for rows in row_chunks(*w.shape):
+        w[rows] = (w[rows].float() * s).to(w.dtype)
 
 
 @torch.no_grad()
@@ -119,7 +146,9 @@ def divide_norm_(norm: nn.Module, s: torch.Tensor, offset: float) -> None:
 def divide_rows_(linear: nn.Linear, s: torch.Tensor, rows: slice) -> None:
     """Fold 1/s into the output rows `rows` of a producing linear (weight and bias)."""
     w = linear.weight
-    w[rows] = (w[rows].float() / s[:, None]).to(w.dtype)
+    first, last, _ = rows.indices(w.shape[0])
+    for chunk in row_chunks(last - first, w.shape[1], first):
+        w[chunk] = (w[chunk].float() / s[chunk.start - first:chunk.stop - first, None]).to(w.dtype)
     if linear.bias is not None:
         linear.bias[rows] = (linear.bias[rows].float() / s).to(linear.bias.dtype)
 
@@ -128,9 +157,9 @@ def producer_factor(pair: LinearPair, config, s_consumer: torch.Tensor) -> torch
     """The factor over the producer's channels that a consumer's factor came from."""
     if not pair.per_kv_head:
         return s_consumer
-    index = kv_group_index(config)
+    index = kv_group_index(config).to(s_consumer.device)
     size = int(index.max()) + 1
-    s = torch.empty(size, dtype=s_consumer.dtype)
+    s = torch.empty(size, dtype=s_consumer.dtype, device=s_consumer.device)
     s[index] = s_consumer  # every query head of a group holds the same value
     return s
 

@@ -1,0 +1,108 @@
+"""Checkpoint formats by name: which options each takes, how each is written and read back, and the
+read-back check that runs after every export.
+
+- `lmdeploy`: lmdeploy's `smooth_quant` layout (QRMSNorm + QLinear, per-token activations), with the
+  optional migration-scale extension. Read by lmdeploy's PyTorch engine.
+- `compressed-tensors`: `int-quantized` / `float-quantized`, per-token dynamic or per-tensor static
+  activations, smoothing folded into the norms. Read by vLLM, SGLang and transformers.
+"""
+
+import json
+import os
+
+import torch
+import torch.nn as nn
+
+from lite import compressed_tensors, export
+from lite.errors import LiteError
+from lite.observers import ActSettings
+
+# --format name -> quant_method written to config.json
+FORMATS = {"lmdeploy": export.QUANT_METHOD, "compressed-tensors": compressed_tensors.QUANT_METHOD}
+# quant_method in config.json -> the reader that builds a model computing what the engine computes
+READERS = {export.QUANT_METHOD: export.load_quantized, compressed_tensors.QUANT_METHOD: compressed_tensors.load_compressed_tensors}
+# Largest |logit| difference, relative to the largest |logit|, between the in-memory quantized model
+# and the checkpoint read back. Both compute the same thing from the same tensors, so anything beyond
+# fp32 reordering noise means the folder does not hold what was computed.
+READBACK_TOLERANCE = 1e-4
+
+
+def check_export_options(fmt: str, act: ActSettings, export_migration_scale: bool) -> None:
+    """Refuse combinations a format cannot store, naming the fix."""
+    if fmt not in FORMATS:
+        raise LiteError(f"--format {fmt!r} is not one of: {', '.join(FORMATS)}")
+    if fmt == "lmdeploy" and act.static:
+        raise LiteError("--act-scheme static needs --format compressed-tensors (lmdeploy's smooth_quant "
+                        "layout has per-token activations only)")
+    if fmt != "lmdeploy" and export_migration_scale:
+        raise LiteError("--export-migration-scale is an lmdeploy-format feature; drop it or use --format lmdeploy")
+
+
+def quantize_and_write(loaded, fmt: str, quant_dtype: str, scales: dict | None, export_migration_scale: bool,
+                       act: ActSettings, tokens: torch.Tensor | None, batch_size: int, device: str,
+                       out_dir: str, max_shard_size) -> None:
+    """Quantize `loaded.model` in place for `fmt` and write it to `out_dir`."""
+    if fmt == "lmdeploy":
+        export.quantize_model_(loaded.model, quant_dtype, scales, export_migration_scale)
+        export.write_checkpoint(loaded.model, loaded.tokenizer, loaded.folder, out_dir, max_shard_size)
+    else:
+        compressed_tensors.quantize_model_(loaded.model, quant_dtype, scales, act, tokens, batch_size, device)
+        compressed_tensors.write_checkpoint(loaded.model, loaded.tokenizer, loaded.folder, out_dir, max_shard_size)
+
+
+def quant_method_of(folder: str) -> str | None:
+    """`quantization_config.quant_method` of a model folder, or None for a float model or a hub id."""
+    path = os.path.join(str(folder), "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return (json.load(f).get("quantization_config") or {}).get("quant_method")
+
+
+def load_checkpoint(folder: str) -> nn.Module:
+    """Read a folder lite wrote, in whichever format, into a model of QLinears."""
+    method = quant_method_of(folder)
+    if method not in READERS:
+        raise LiteError(f"{folder} is not a checkpoint lite reads (quant_method {method!r}; "
+                        f"readable: {', '.join(READERS)})")
+    return READERS[method](folder)
+
+
+def describe(qc: dict | None) -> str:
+    """A short label of a model's quantization for tables: `none`, `smooth_quant int8`, `ct int8 static`."""
+    if not qc:
+        return "none"
+    if qc.get("quant_method") == compressed_tensors.QUANT_METHOD:
+        return compressed_tensors.describe(qc)
+    if qc.get("quant_method") == export.QUANT_METHOD:
+        dtype = "fp8" if "float8" in str(qc.get("quant_dtype")) else "int8"
+        return f"smooth_quant {dtype}" + (" migration" if qc.get("migration_scale") else "")
+    return str(qc.get("quant_method"))
+
+
+@torch.no_grad()
+def readback_difference(model: nn.Module, folder: str, batches: list[torch.Tensor]) -> tuple[float, float]:
+    """(max |logit difference|, max |logit|) between `model` and `folder` read back, over `batches`."""
+    reread = load_checkpoint(folder)
+    diff, peak = 0.0, 0.0
+    for ids in batches:
+        a = model(input_ids=ids, use_cache=False).logits.float()
+        b = reread(input_ids=ids, use_cache=False).logits.float()
+        diff = max(diff, (a - b).abs().max().item())
+        peak = max(peak, a.abs().max().item())
+    return diff, peak
+
+
+def check_readback(model: nn.Module, folder: str, batches: list[torch.Tensor]) -> float:
+    """Read the written folder back, compare logits with the in-memory model, print the difference and
+    raise when it exceeds `READBACK_TOLERANCE` (relative to the largest logit)."""
+    diff, peak = readback_difference(model, folder, batches)
+    print(f"read-back check: max |logit difference| {diff:.3g} (max |logit| {peak:.3g}) over {len(batches)} batches")
+    if not diff <= READBACK_TOLERANCE * max(peak, 1.0):
+        # Move the folder aside so that nothing serves a checkpoint that does not compute what was quantized.
+        aside = f"{os.path.abspath(folder)}.unverified"
+        export.replace_folder(folder, aside)
+        raise LiteError(f"{folder} read back gives logits {diff:.3g} away from the in-memory quantized model "
+                        f"(tolerance {READBACK_TOLERANCE * max(peak, 1.0):.3g}); moved it to {aside}; "
+                        "this is a bug in lite, please report it")
+    return diff

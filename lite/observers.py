@@ -1,0 +1,202 @@
+"""Static activation scales: observers that see every calibration token, and the pass that runs them.
+
+A static scheme quantizes each linear's input with one per-tensor scale fixed at export,
+`input_scale = r / qmax` (qmax 127 for int8, 448 for fp8 e4m3), where r is the range an observer
+picks from the calibration data:
+
+- `minmax`: r = max|x| over every calibration token of every batch (a running absmax).
+- `percentile`: r = the p-th percentile of |x|, so that the rarest outliers are clipped.
+- `mse`: r = c · max|x| with the clip ratio c in (0, 1] minimizing the quantize-dequantize error
+  mean((Q_r(x) - x)^2) over the data.
+
+Percentile and mse need the values themselves, not only a running maximum: they keep a uniform
+random sample of |x| over all tokens seen (at most `SAMPLE_SIZE` values per tensor, so memory stays
+bounded however much calibration data there is). Both ranges are capped by the exact running absmax,
+so they are never wider than minmax.
+
+Linears that read the same tensor (q/k/v after the input norm, gate/up after the post-attention
+norm) share one observer and therefore one scale: engines stack them into one GEMM with one input
+scale.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from lite.archs import Arch, quantized_linears
+from lite.calibrate import capture_block_inputs, run_block
+from lite.errors import LiteError
+from lite.model import decoder_blocks, move_outside_blocks_
+from lite.quant import QMAX, dequantize, quantize, symmetric_scale
+from lite.smooth import check_finite
+
+# Values of |x| kept per tensor for percentile and mse; 2^20 fp32 values are 4 MiB.
+SAMPLE_SIZE = 2**20
+# Clip ratios c tried by the mse observer: 0.20, 0.21, ..., 1.00 (times the absmax).
+MSE_RATIOS = torch.linspace(0.2, 1.0, 81)
+
+ACT_SCHEMES = ("dynamic", "static")
+
+
+class MinMax:
+    """r = max|x| over every value seen."""
+
+    def __init__(self, qdtype: torch.dtype):
+        self.qdtype = qdtype
+        self.absmax = None
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        a = x.detach().abs().amax().float()
+        self.absmax = a if self.absmax is None else torch.maximum(self.absmax, a)
+
+    def range(self) -> torch.Tensor:
+        return self.absmax
+
+
+class _Sampled(MinMax):
+    """A running absmax plus a uniform random sample of |x| over all values seen.
+
+    Sampling without replacement by random keys: every value gets a key drawn from U(0, 1) and the
+    `size` values with the smallest keys are kept, which is a uniform sample of everything seen so
+    far whatever the batch sizes (values whose key is above the current cut cannot enter and are
+    dropped before the merge).
+    """
+
+    def __init__(self, qdtype: torch.dtype, size: int = SAMPLE_SIZE, seed: int = 0):
+        super().__init__(qdtype)
+        self.size, self.seed = size, seed
+        self.values = self.keys = self.generator = None
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        super().update(x)
+        a = x.detach().reshape(-1).abs().float()  # (values,)
+        if self.generator is None:
+            self.generator = torch.Generator(device=a.device).manual_seed(self.seed)
+        keys = torch.rand(a.numel(), generator=self.generator, device=a.device)
+        if self.keys is not None:
+            if self.keys.numel() >= self.size:
+                keep = keys < self.keys.max()
+                a, keys = a[keep], keys[keep]
+            a, keys = torch.cat([self.values, a]), torch.cat([self.keys, keys])
+        if keys.numel() > self.size:
+            chosen = keys.topk(self.size, largest=False).indices
+            a, keys = a[chosen], keys[chosen]
+        self.values, self.keys = a, keys
+
+
+class Percentile(_Sampled):
+    """r = the `percentile`-th percentile of |x| (at most max|x|)."""
+
+    def __init__(self, qdtype: torch.dtype, percentile: float = 99.99, **kw):
+        super().__init__(qdtype, **kw)
+        self.percentile = percentile
+
+    def range(self) -> torch.Tensor:
+        values = self.values.sort().values
+        k = min(values.numel() - 1, max(0, int(round(self.percentile / 100 * values.numel())) - 1))
+        return torch.minimum(values[k], self.absmax)
+
+
+class Mse(_Sampled):
+    """r = c · max|x| with c from `MSE_RATIOS` minimizing mean((Q_r(x) - x)^2) on the sample."""
+
+    def range(self) -> torch.Tensor:
+        return mse_range(self.values, self.absmax, self.qdtype)
+
+
+def mse_range(values: torch.Tensor, absmax: torch.Tensor, qdtype: torch.dtype,
+              ratios: torch.Tensor = MSE_RATIOS) -> torch.Tensor:
+    """The clip range c · absmax (c in `ratios`) whose symmetric grid reproduces `values` best."""
+    best, best_err = absmax, None
+    for c in ratios.tolist():
+        r = absmax * c
+        if r <= 0:
+            continue
+        scale = r / QMAX[qdtype]
+        err = (dequantize(quantize(values, scale, qdtype), scale) - values).pow(2).mean()
+        if best_err is None or err < best_err:
+            best, best_err = r, err
+    return torch.minimum(best, absmax)
+
+
+OBSERVERS = {"minmax": MinMax, "percentile": Percentile, "mse": Mse}
+
+
+@dataclass(frozen=True)
+class ActSettings:
+    """How linear inputs are quantized: per token at run time, or with calibrated per-tensor scales."""
+
+    act_scheme: str = "dynamic"
+    act_observer: str = "minmax"
+    act_percentile: float = 99.99
+
+    def __post_init__(self):
+        if self.act_scheme not in ACT_SCHEMES:
+            raise LiteError(f"--act-scheme {self.act_scheme!r} is not one of: {', '.join(ACT_SCHEMES)}")
+        if self.act_observer not in OBSERVERS:
+            raise LiteError(f"--act-observer {self.act_observer!r} is not one of: {', '.join(OBSERVERS)}")
+        if not 0.0 < float(self.act_percentile) <= 100.0:
+            raise LiteError(f"--act-percentile must lie in (0, 100], got {self.act_percentile}")
+
+    @property
+    def static(self) -> bool:
+        return self.act_scheme == "static"
+
+    def observer(self, qdtype: torch.dtype):
+        if self.act_observer == "percentile":
+            return Percentile(qdtype, float(self.act_percentile))
+        return OBSERVERS[self.act_observer](qdtype)
+
+
+def input_groups(arch: Arch, block: nn.Module) -> list[tuple[str, ...]]:
+    """The block's quantized linears grouped by the tensor they read: norm pairs together, others alone."""
+    names = quantized_linears(arch, block)
+    groups, grouped = [], set()
+    for pair in arch.norm_pairs:
+        group = tuple(name for name in pair.linears if name in names)
+        if group:
+            groups.append(group)
+            grouped.update(group)
+    return groups + [(name,) for name in names if name not in grouped]
+
+
+@torch.no_grad()
+def static_input_scales(model: nn.Module, arch: Arch, tokens: torch.Tensor, batch_size: int, device,
+                        settings: ActSettings, qdtype: torch.dtype, progress: bool = True) -> dict[str, torch.Tensor]:
+    """`{linear fqn: fp32 input_scale (1,)}` for every quantized linear, observed on `model` as it is.
+
+    Run this on the smoothed float model (scales already folded), so that the scales describe the
+    inputs the quantized linears will see. Blocks run one at a time, each over every batch of `tokens`.
+    """
+    scales = {}
+    move_outside_blocks_(model, arch, device)
+    try:
+        hidden, kwargs = capture_block_inputs(model, arch, tokens, batch_size, device)
+        blocks = decoder_blocks(model, arch)
+        for prefix, block in tqdm(blocks.items(), desc="static scales", unit="block", disable=not progress):
+            block.to(device)
+            observed, handles = [], []
+            for group in input_groups(arch, block):
+                observer = settings.observer(qdtype)
+                observed.append((group, observer))
+                # The first linear of a group sees the tensor every linear of the group reads.
+                handles.append(block.get_submodule(group[0]).register_forward_pre_hook(
+                    lambda module, args, observer=observer: observer.update(args[0])))
+            try:
+                hidden = run_block(block, hidden, kwargs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+                block.to("cpu")
+            for group, observer in observed:
+                r = observer.range().float().cpu()
+                check_finite(f"{prefix}.{group[0]}", r, "input range")
+                scale = symmetric_scale(r, qdtype).reshape(1)  # (1,)
+                scales.update({f"{prefix}.{name}": scale for name in group})
+    finally:
+        move_outside_blocks_(model, arch, "cpu")
+    return scales

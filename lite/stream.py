@@ -1,0 +1,420 @@
+"""`smooth_quant` in one pass over the blocks, streamed from the safetensors shards (DESIGN.md, "The spine").
+
+The model is a skeleton on the meta device: no weight is allocated until its block's turn. For
+block i, its tensors are read from the shards (block i+1's are read meanwhile on a background
+thread), the cached float hidden states run through it with observers on its linears and norms
+(statistics), its outputs become block i+1's inputs, its migration scales are computed from its
+own weights and those statistics, folded in, the block is quantized, and its tensors go to a
+sharded writer that puts each at its final offset in the output files. Then the block is freed.
+
+The result is the same as calibrate → smooth → export on the fully loaded model: the same
+artifacts in the work dir and the same checkpoint, tensor for tensor (bit for bit on the CPU).
+Memory: one block's weights (two while the next is read), the cached hidden states (on the device
+while they fit `--max-gpu-memory`, else in pinned CPU memory, moved one batch at a time), and one
+batch of activations.
+"""
+
+import copy
+import ctypes
+import hashlib
+import os
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from lite.archs import Arch, arch_for, quantized_linears
+from lite.calibrate import attach_observers, capture_block_inputs
+from lite.data import calibration_tokens
+from lite.errors import LiteError
+from lite.export import (parse_size, quantization_config, quantize_block_, staged_folder, write_model_files)
+from lite.model import config_hash, decoder_blocks, resolve_dtype
+from lite.qmodules import QLinear, QRMSNorm
+from lite.quant import CHUNK_ELEMENTS, QUANT_DTYPES, quant_dtype_of, row_chunks
+from lite.shards import ShardReader, ShardWriter, checkpoint_files
+from lite.smooth import check_finite, migration_scales
+
+DEFAULT_MAX_GPU_MEMORY = "8GiB"
+
+
+def is_streamable(source: str) -> bool:
+    """A local folder with config.json and safetensors weights."""
+    source = str(source)
+    return (os.path.isdir(source) and os.path.isfile(os.path.join(source, "config.json"))
+            and bool(checkpoint_files(source)))
+
+
+@dataclass
+class StreamedModel:
+    """A model whose weights stay in its shards: `model` holds meta parameters and real buffers."""
+
+    model: nn.Module
+    tokenizer: object
+    source: str
+    folder: str
+    reader: ShardReader
+    dtype: torch.dtype
+    opened_at: float = 0.0  # perf_counter() when opening began, so that timings include it
+    identity_s: float = 0.0  # seconds spent on `identity`
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def arch(self) -> Arch:
+        return arch_for(self.model.config)
+
+
+def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, parameter: bool) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = root.get_submodule(module_name)
+    if parameter:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+def open_streamed(source: str, dtype: str = "auto", trust_remote_code: bool = False) -> StreamedModel | None:
+    """The skeleton of a local safetensors model, or None when its blocks hold buffers we cannot rebuild."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    opened_at = time.perf_counter()
+    source = str(source)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    arch = arch_for(config)
+    reader = ShardReader(source)
+    torch_dtype = resolve_dtype(dtype)
+    if torch_dtype == "auto":
+        # As from_pretrained: the config's dtype, else the checkpoint's first floating-point tensor's.
+        floating = [e.dtype for e in reader.entries.values() if e.dtype.is_floating_point]
+        torch_dtype = config.dtype if isinstance(config.dtype, torch.dtype) else (floating[0] if floating else torch.float32)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    model.eval()
+    inside = arch.blocks + "."
+    if any(name.startswith(inside) for name, _ in model.named_buffers()):
+        return None
+    # Non-persistent buffers (rotary inv_freq, Gemma's embed_scale) come from the config, not the
+    # checkpoint: build the model without blocks and with a tiny vocabulary, and take them from it.
+    small = copy.deepcopy(config)
+    small.num_hidden_layers, small.vocab_size, small.pad_token_id = 0, 8, None
+    if getattr(small, "layer_types", None) is not None:
+        small.layer_types = []
+    helper = dict(AutoModelForCausalLM.from_config(small, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+                  .named_buffers())
+    for name, _ in list(model.named_buffers()):
+        if name in helper:
+            _set_tensor(model, name, helper[name].clone(), parameter=False)
+        elif name in reader:
+            _set_tensor(model, name, reader.read([name])[name], parameter=False)
+        else:
+            return None
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    return StreamedModel(model, tokenizer, source, source, reader, torch_dtype, opened_at)
+
+
+def _source_name(sm: StreamedModel, name: str) -> str:
+    """The checkpoint tensor a state-dict entry is loaded from (a tied lm_head reads the embeddings)."""
+    if getattr(sm.config, "tie_word_embeddings", False) and name == f"{sm.arch.lm_head}.weight":
+        return f"{sm.arch.embed}.weight"
+    return name
+
+
+def streamed_weights_hash(sm: StreamedModel) -> str:
+    """`lite.model.weights_hash` of the loaded model, from 16 elements per tensor read off the shards
+    (many small reads: in parallel, which a cold disk serves far faster than one after another)."""
+
+    def sample(item):
+        name, t = item
+        numel = t.numel()
+        picks = list(range(0, numel, max(1, numel // 16)))[:16]
+        values = sm.reader.read_elements(_source_name(sm, name), picks)
+        return values.to(sm.dtype) if values.dtype.is_floating_point else values
+
+    items = list(sm.model.state_dict().items())
+    with ThreadPoolExecutor(16) as pool:
+        samples = list(pool.map(sample, items))
+    h = hashlib.sha256()
+    for (name, _), values in zip(items, samples):
+        h.update(name.encode())
+        h.update(values.float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def identity(sm: StreamedModel) -> dict:
+    """What `WorkDir` records to tell models apart, equal to what the fully loaded model gives."""
+    start = time.perf_counter()
+    digest = streamed_weights_hash(sm)
+    sm.identity_s = round(time.perf_counter() - start, 3)
+    return {"source": sm.source, "config_hash": config_hash(sm.config), "weights_hash": digest}
+
+
+def output_layout(sm: StreamedModel, quant_dtype: str, export_migration_scale: bool) -> list:
+    """`[(name, shape, dtype)]` of the checkpoint `write_checkpoint` writes for the quantized model,
+    in its order, from a quantized copy of the skeleton (the same swap `load_quantized` does)."""
+    qmodel, arch, qdtype = copy.deepcopy(sm.model), sm.arch, quant_dtype_of(quant_dtype)
+    for prefix, block in decoder_blocks(qmodel, arch).items():
+        if not export_migration_scale:
+            for pair in arch.norm_pairs:
+                norm = block.get_submodule(pair.norm)
+                block.set_submodule(pair.norm, QRMSNorm(norm.weight.shape[0], 1e-6, arch.norm_offset, qdtype,
+                                                        norm.weight.dtype, device="meta"))
+        for name in quantized_linears(arch, block):
+            linear = block.get_submodule(name)
+            block.set_submodule(name, QLinear(linear.in_features, linear.out_features, linear.bias is not None,
+                                              qdtype, linear.weight.dtype, export_migration_scale, device="meta"))
+    tied = getattr(sm.config, "tie_word_embeddings", False)
+    return [(name, tuple(t.shape), t.dtype) for name, t in qmodel.state_dict().items()
+            if not (tied and name == f"{arch.lm_head}.weight")]
+
+
+# ---------------------------------------------------------------------------- memory planning
+
+def per_token_bytes(config, element_size: int) -> int:
+    """An upper estimate of the activation bytes one token needs inside a block's forward with observers:
+    the MLP's gate, up, act and product (`intermediate` wide, model dtype), the observer's fp32
+    copy and abs of the widest input, and a few `hidden`-wide temporaries of attention and norms."""
+    hidden, inter = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
+    return (4 * element_size + 8) * inter + (8 * element_size + 16) * hidden
+
+
+def plan_memory(budget: int, block_bytes: int, sample_bytes: int, samples: int, per_sample: int,
+                batch_size) -> tuple[bool, int]:
+    """(keep the cached hidden states on the device?, batch size) within `budget` bytes of device memory.
+
+    Fixed: two blocks (the one running, the one read ahead) and the fp32 temporaries of smoothing and
+    quantizing (a few chunks of `CHUNK_ELEMENTS`). Cached hidden states go to the device when they fit
+    beside the fixed part and one sample's activations. `batch_size="auto"` takes as many samples per
+    forward as the rest allows.
+    """
+    fixed = 2 * block_bytes + 4 * CHUNK_ELEMENTS * 4
+    on_device = fixed + samples * sample_bytes + per_sample <= budget
+    cached = samples * sample_bytes if on_device else 0
+    per_batch_sample = per_sample + (0 if on_device else 2 * sample_bytes)
+    if batch_size == "auto":
+        batch_size = max(1, min(samples, (budget - 2 * block_bytes - cached) // per_batch_sample))
+    return on_device, int(batch_size)
+
+
+# ---------------------------------------------------------------------------- the runner
+
+def _unmap_large_frees() -> None:
+    """Make glibc return freed activation and weight buffers to the OS at once.
+
+    glibc raises its mmap threshold after each large free, so later buffers of that size come from
+    the heap, whose freed pages stay in RSS (measured: 0.76 GiB above the import baseline for a 1 GB
+    model on the CPU, 0.23 GiB with the threshold fixed). `mallopt` with a fixed threshold (64 KiB)
+    turns that off. glibc only; torch's pinned host memory is not affected.
+    """
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD: give back the top of the heap on every free
+
+
+class _Later:
+    """A call made when its result is asked for (a future that does not run ahead)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def result(self):
+        return self.fn(*self.args)
+
+
+class _Timer:
+    def __init__(self, start: float):
+        self.times, self.start = {}, start
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.times[stage] = round(self.times.get(stage, 0.0) + now - self.start, 3)
+        self.start = now
+
+
+def _check_options(quant_dtype, batch_size) -> None:
+    if quant_dtype not in QUANT_DTYPES:
+        raise LiteError(f"--quant-dtype {quant_dtype!r} is not one of: {', '.join(QUANT_DTYPES)}")
+    if batch_size != "auto" and not (isinstance(batch_size, int) and batch_size >= 1):
+        raise LiteError(f"--batch-size must be a positive integer or auto, got {batch_size!r}")
+
+
+@torch.no_grad()
+def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="int8", export_migration_scale=False,
+                        max_shard_size="5GB", out_dir=None, batch_size="auto", device="cpu", dtype="auto",
+                        max_gpu_memory=DEFAULT_MAX_GPU_MEMORY) -> str:
+    """Calibrate, smooth and export in one pass over the blocks; returns the output folder.
+
+    Writes the same work-dir artifacts as `lite calibrate` and `lite smooth` (statistics, migration
+    scales, manifest entries) and the same checkpoint as `lite export`.
+    """
+    from lite.pipeline import INPUTS_STATS, OUTPUTS_STATS, SCALES, check_out_dir
+
+    timer = _Timer(sm.opened_at or time.perf_counter())
+    _check_options(quant_dtype, batch_size)
+    out_dir = check_out_dir(work, out_dir)
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    model, arch, config, reader = sm.model, sm.arch, sm.config, sm.reader
+    qdtype, esize = quant_dtype_of(quant_dtype), torch.empty((), dtype=sm.dtype).element_size()
+    blocks = decoder_blocks(model, arch)
+    tokens = calibration_tokens(sm.tokenizer, calib.calib_dataset, calib.calib_samples, calib.calib_seqlen,
+                                calib.seed, vocab_size=config.vocab_size)
+    layout = output_layout(sm, quant_dtype, export_migration_scale)
+    block_bytes = max(sum(p.numel() for p in b.parameters()) * esize for b in blocks.values())
+    budget = parse_size(max_gpu_memory) if cuda else 1 << 62
+    samples, seqlen = tokens.shape
+    per_sample = seqlen * per_token_bytes(config, esize)
+    if cuda:
+        on_device, batch_size = plan_memory(budget, block_bytes, seqlen * config.hidden_size * esize, samples,
+                                            per_sample, batch_size)
+    else:  # on the CPU: activations no larger than a block's weights; the batch size hardly changes the speed
+        _unmap_large_frees()
+        on_device = True
+        batch_size = max(1, min(samples, block_bytes // per_sample)) if batch_size == "auto" else batch_size
+    timer.lap("setup")
+
+    read_pool, write_pool = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+    # On a GPU block i+1 is read while block i runs; on the CPU, where compute dwarfs reading, a read
+    # ahead would only hold a second block in memory, so each read happens when its result is asked for.
+    read_ahead = read_pool.submit if cuda else _Later
+    copy_stream = torch.cuda.Stream(device) if cuda else None
+
+    def fetch(prefix: str) -> dict[str, torch.Tensor]:
+        """A block's weights on the device, in the model dtype (runs on the read thread)."""
+        names = [f"{prefix}.{n}" for n, _ in blocks[prefix].named_parameters()]
+        tensors = reader.read(names, pin_memory=cuda)
+        if cuda:
+            with torch.cuda.stream(copy_stream):
+                tensors = {n: t.to(device, non_blocking=True) for n, t in tensors.items()}
+            copy_stream.synchronize()
+        return {n: t.to(sm.dtype) if t.is_floating_point() else t for n, t in tensors.items()}
+
+    def copy_tail() -> None:
+        """The final norm and (untied) lm_head from the checkpoint to the output, a chunk of rows at a time."""
+        for name in tail_names:
+            shape = reader.entries[name].shape
+            for rows in row_chunks(shape[0], shape[1] if len(shape) > 1 else 1):
+                writer.write(name, reader.read_rows(name, rows.start, rows.stop).to(sm.dtype), row_start=rows.start)
+
+    def write(tensors: dict[str, torch.Tensor], ready) -> None:
+        if ready is not None:
+            ready.synchronize()
+        for name, t in tensors.items():
+            writer.write(name, t)
+
+    def to_host(tensors: dict[str, torch.Tensor]):
+        """CPU copies (pinned, asynchronous on a GPU) and the event that says they are complete."""
+        if not cuda:
+            return {n: t.detach().contiguous() for n, t in tensors.items()}, None
+        host = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for n, t in tensors.items()}
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    inputs_stats, outputs_stats, scales = {}, {}, {}
+    prefixes = list(blocks)
+    with staged_folder(out_dir) as tmp:
+        writer = ShardWriter(tmp, layout, parse_size(max_shard_size))
+        embed_name = f"{arch.embed}.weight"
+        tail_names = [n for n in (f"{arch.final_norm}.weight", f"{arch.lm_head}.weight") if n in writer.where]
+        pending = read_ahead(fetch, prefixes[0])
+        written = None
+        try:
+            # Block 0's inputs: the model's own forward up to the first block (embeddings, rotary tables, masks).
+            # The embeddings (1 GB and more) pass through CPU memory a chunk of rows at a time.
+            embed_shape = reader.entries[embed_name].shape
+            embed = torch.empty(embed_shape, dtype=sm.dtype, device=device)
+            for rows in row_chunks(*embed_shape):
+                part = reader.read_rows(embed_name, rows.start, rows.stop).to(sm.dtype)  # (rows, hidden)
+                writer.write(embed_name, part, row_start=rows.start)
+                embed[rows] = part.to(device)
+            _set_tensor(model, embed_name, embed, parameter=True)
+            del embed, part
+            for name, b in list(model.named_buffers()):
+                _set_tensor(model, name, b.to(device), parameter=False)
+            hidden, kwargs = [], []
+            # Hidden states that do not fit the device budget wait in one pinned CPU buffer.
+            pinned = None if on_device or not cuda else torch.empty((samples, seqlen, config.hidden_size),
+                                                                    dtype=sm.dtype, pin_memory=True)
+            for first in range(0, samples, batch_size):
+                chunk = tokens[first:first + batch_size]  # (batch, seqlen)
+                h, kw = capture_block_inputs(model, arch, chunk, len(chunk), device)
+                hidden.append(h[0] if pinned is None else pinned[first:first + len(chunk)].copy_(h[0]))
+                kwargs.append(kw[0])
+            _set_tensor(model, embed_name, torch.empty(embed_shape, dtype=sm.dtype, device="meta"), parameter=True)
+            timer.lap("capture")
+
+            for i, prefix in enumerate(prefixes):
+                weights = pending.result()
+                if i + 1 < len(prefixes):
+                    pending = read_ahead(fetch, prefixes[i + 1])
+                else:  # the final norm and lm_head, copied while the last block runs
+                    pending = read_ahead(copy_tail)
+                timer.lap("wait_read")
+                block = blocks[prefix]
+                for name, t in weights.items():
+                    if cuda:  # allocated on the copy stream: not to be reused before this stream's work is done
+                        t.record_stream(torch.cuda.current_stream(device))
+                    _set_tensor(model, name, t, parameter=True)
+                del weights
+                observed_in, observed_out, handles = attach_observers(block, prefix, arch)
+                try:
+                    for j, (h, kw) in enumerate(zip(hidden, kwargs)):
+                        out = block(h.to(device, non_blocking=True), **kw)
+                        out = out[0] if isinstance(out, tuple) else out
+                        if on_device or not cuda:
+                            hidden[j] = out
+                        else:
+                            h.copy_(out)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                timer.lap("forward")
+                for observed, table in ((observed_in, inputs_stats), (observed_out, outputs_stats)):
+                    for fqn, stats in observed.items():
+                        for stat, value in stats.result().items():
+                            check_finite(fqn, value, f"calibration statistic {stat!r}")
+                            table.setdefault(stat, {})[fqn] = value
+                absmax = {fqn: stats.absmax for fqn, stats in observed_in.items()}
+                block_scales = migration_scales({prefix: block}, arch, config, absmax, float(smoothing.alpha),
+                                                smoothing.w_stat)
+                quantize_block_(block, prefix, arch, config, qdtype, block_scales, export_migration_scale)
+                scales.update({fqn: s.cpu() for fqn, s in block_scales.items()})
+                timer.lap("smooth_quantize")
+                outputs, ready = to_host(block.state_dict(prefix=prefix + "."))
+                if written is not None:
+                    written.result()  # at most one block waits for the disk
+                written = write_pool.submit(write, outputs, ready)
+                block.to("meta")
+                timer.lap("write")
+            del hidden, kwargs, pinned, outputs
+            pending.result()
+            written.result()
+            writer.close()
+            model.config.quantization_config = quantization_config(quant_dtype, export_migration_scale)
+            write_model_files(tmp, model.config, sm.dtype, sm.tokenizer, sm.folder)
+        finally:
+            read_pool.shutdown(wait=True, cancel_futures=True)
+            write_pool.shutdown(wait=True)
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+        # Artifacts first, then the folder appears: a finished output folder always has its statistics.
+        settings = {**asdict(calib), "dtype": dtype}
+        work.save("statistics", settings, {INPUTS_STATS: inputs_stats, OUTPUTS_STATS: outputs_stats})
+        work.save("migration_scales", {**settings, **asdict(smoothing)}, {SCALES: scales})
+    work.record("export", {"out_dir": out_dir, "quant_dtype": quant_dtype, "format": "lmdeploy",
+                           "export_migration_scale": export_migration_scale, "smoothed": True, "streamed": True})
+    timer.lap("finish")
+    summary = {**timer.times, "of_which_identity": sm.identity_s, "batch_size": batch_size,
+               "hidden_on_device": on_device}
+    if cuda:
+        summary["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
+    print("timings " + " ".join(f"{k}={v}" for k, v in summary.items()))
+    print(f"wrote {out_dir}")
+    return out_dir

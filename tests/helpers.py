@@ -1,0 +1,51 @@
+"""Plain helpers the tests import (`from helpers import ...`); fixtures live in conftest.py."""
+
+import functools
+
+import torch
+
+from lite.archs import ARCHS
+from lite.calibrate import collect_statistics
+from lite.model import build_tiny, decoder_blocks
+
+
+def logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """fp32 logits `(batch, seq, vocab)` without a cache."""
+    with torch.no_grad():
+        return model(input_ids=tokens, use_cache=False).logits.float()
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: how far apart two sets of logits are, relative to their size."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def arch_of(model):
+    return ARCHS[model.config.model_type]
+
+
+def blocks_of(model) -> dict:
+    """`{block fqn: block}`, e.g. `{"model.layers.0": ...}`."""
+    return decoder_blocks(model, arch_of(model))
+
+
+def input_absmax(model, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`inputs_stats["absmax"]` of `model` collected by the layer-wise runner on `tokens`."""
+    inputs, _ = collect_statistics(model, arch_of(model), tokens, batch_size=2, device="cpu", progress=False)
+    return inputs["absmax"]
+
+
+def random_tokens(batch: int = 4, seqlen: int = 32, seed: int = 1) -> torch.Tensor:
+    """Random byte tokens `(batch, seqlen)` (the tiny models' vocabulary is 256 bytes + BOS/EOS)."""
+    return torch.randint(0, 256, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@functools.cache
+def _tiny_absmax(model_type: str) -> dict[str, torch.Tensor]:
+    return input_absmax(build_tiny(model_type), random_tokens())
+
+
+def tiny_absmax(model_type: str) -> dict[str, torch.Tensor]:
+    """`input_absmax(build_tiny(model_type), random_tokens())`, computed once per session (both are
+    deterministic); a fresh copy each call so that no test can change another's statistics."""
+    return {k: v.clone() for k, v in _tiny_absmax(model_type).items()}

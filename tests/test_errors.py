@@ -1,0 +1,254 @@
+"""Bad input: a one-line message naming the problem, exit code 2, and no half-written output.
+
+Each case is crafted so that the check it names is the one that fires (e.g. a foreign statistics
+file without a manifest reaches the statistics check; with a manifest, the manifest check fires).
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from helpers import arch_of, random_tokens
+from lite.archs import ARCHS
+from lite.calibrate import collect_statistics
+from lite.cli.main import main
+from lite.errors import LiteError
+from lite.export import load_quantized, quantize_model_, write_checkpoint
+from lite.model import build_tiny, byte_tokenizer
+
+CALIB = ["--calib-dataset", "sample", "--calib-samples", "4", "--calib-seqlen", "64", "--device", "cpu"]
+
+
+def lite_error(capsys, *args) -> str:
+    """Run the CLI expecting a LiteError: exit code 2 and exactly one `lite: error:` line, the last."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = err.rstrip("\n").split("\n")
+    assert lines[-1].startswith("lite: error: "), err
+    assert sum(line.startswith("lite: error:") for line in lines) == 1, err
+    return lines[-1].removeprefix("lite: error: ")
+
+
+def leftovers(root) -> list[str]:
+    """Temporary files or folders lite may have left anywhere under `root`."""
+    return [str(p) for p in root.rglob("*") if ".tmp" in p.name or ".old-" in p.name]
+
+
+def save_tiny(folder, model_type="llama", **overrides):
+    model = build_tiny(model_type, **overrides)
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return model
+
+
+def stats_of(model) -> dict:
+    inputs, _ = collect_statistics(model, arch_of(model), random_tokens(2, 16), batch_size=2, device="cpu",
+                                   progress=False)
+    return inputs
+
+
+def test_missing_model_path(tmp_path, capsys):
+    work = tmp_path / "work"
+
+    message = lite_error(capsys, "calibrate", tmp_path / "no-such-model", "--work-dir", work, *CALIB)
+
+    assert "no-such-model" in message and "does not exist" in message
+    assert not work.exists()
+
+
+def test_folder_that_is_not_a_model(tmp_path, capsys):
+    folder, work = tmp_path / "notes", tmp_path / "work"
+    folder.mkdir()
+    (folder / "README.md").write_text("not a model")
+
+    message = lite_error(capsys, "smooth_quant", folder, "--work-dir", work, *CALIB)
+
+    assert str(folder) in message and "config.json" in message
+    assert not work.exists()
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder, work = tmp_path / "gpt2", tmp_path / "work"
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+
+    message = lite_error(capsys, "smooth_quant", folder, "--work-dir", work, *CALIB)
+
+    assert "'gpt2'" in message and "not supported" in message
+    assert all(model_type in message for model_type in ARCHS)
+    assert not work.exists()
+
+
+def test_statistics_from_a_model_of_another_width(tmp_path, capsys):
+    """Same linear names (qwen2 and llama blocks look alike), other width: no manifest, so the
+    statistics check itself must catch it."""
+    work = tmp_path / "work"
+    work.mkdir()
+    narrow = build_tiny("qwen2", hidden_size=32, intermediate_size=48, head_dim=4)
+    torch.save(stats_of(narrow), work / "inputs_stats.pth")
+
+    message = lite_error(capsys, "smooth", "tiny:llama", "--work-dir", work, *CALIB)
+
+    assert "another model" in message and "inputs_stats.pth" in message and "(32,)" in message
+    assert sorted(os.listdir(work)) == ["inputs_stats.pth"]
+
+
+def test_statistics_with_missing_layers(tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    torch.save(stats_of(build_tiny("llama", num_hidden_layers=1)), work / "inputs_stats.pth")
+
+    message = lite_error(capsys, "smooth_quant", "tiny:llama", "--work-dir", work, *CALIB)
+
+    assert "lacks statistics" in message and "model.layers.1." in message
+    assert sorted(os.listdir(work)) == ["inputs_stats.pth"]
+
+
+def test_work_dir_of_another_model(tmp_path, capsys):
+    """With a manifest, the model identity is checked before any artifact is read."""
+    work = tmp_path / "work"
+    main(["calibrate", "tiny:qwen2", "--work-dir", str(work), *CALIB])
+    before = {p.name: p.read_bytes() for p in work.iterdir()}
+
+    message = lite_error(capsys, "smooth_quant", "tiny:llama", "--work-dir", work, *CALIB)
+
+    assert "another model" in message and "tiny:qwen2" in message
+    assert {p.name: p.read_bytes() for p in work.iterdir()} == before
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_weights_names_module_and_channel(tmp_path, capsys, bad):
+    folder, work = tmp_path / "model", tmp_path / "work"
+    model = build_tiny("llama")
+    with torch.no_grad():
+        model.get_submodule("model.layers.1.mlp.down_proj").weight[5, 7] = bad
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+
+    message = lite_error(capsys, "export", folder, "--work-dir", work)
+
+    assert "model.layers.1.mlp.down_proj" in message and "channel 7" in message and str(bad) in message
+    assert not (work / "quantized").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_nan_weights_caught_while_calibrating(tmp_path, capsys):
+    folder, work = tmp_path / "model", tmp_path / "work"
+    model = build_tiny("llama")
+    with torch.no_grad():
+        model.get_submodule("model.layers.1.mlp.down_proj").weight[5, 7] = float("nan")
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+
+    message = lite_error(capsys, "smooth_quant", folder, "--work-dir", work, *CALIB)
+
+    assert "model.layers.1.mlp.down_proj" in message and "channel" in message and "nan" in message
+    assert not work.exists() or not any(p.suffix == ".pth" for p in work.iterdir())
+    assert leftovers(tmp_path) == []
+
+
+def test_nan_in_statistics_names_module_and_channel(tmp_path, capsys):
+    """Statistics made by lite with the same settings (so they are reused), then corrupted."""
+    work = tmp_path / "work"
+    main(["calibrate", "tiny:llama", "--work-dir", str(work), *CALIB])
+    stats = torch.load(work / "inputs_stats.pth", weights_only=True)
+    stats["absmax"]["model.layers.0.mlp.down_proj"][11] = float("nan")
+    torch.save(stats, work / "inputs_stats.pth")
+
+    message = lite_error(capsys, "smooth", "tiny:llama", "--work-dir", work, *CALIB)
+
+    assert "model.layers.0.mlp.down_proj" in message and "channel 11" in message and "nan" in message
+    assert not (work / "migration_scales.pth").exists()
+
+
+def test_calibration_text_too_short(tmp_path, capsys):
+    text, work = tmp_path / "short.txt", tmp_path / "work"
+    text.write_text("Once upon a time there was a tiny model.")
+
+    message = lite_error(capsys, "calibrate", "tiny:llama", "--work-dir", work, "--calib-dataset", text,
+                         "--calib-samples", 4, "--calib-seqlen", 64, "--device", "cpu")
+
+    assert "calibration text" in message and "4 × 64" in message
+    assert not work.exists()
+
+
+def test_work_dir_holding_an_unrelated_checkpoint(tmp_path, capsys):
+    work = tmp_path / "work"
+    save_tiny(work, "qwen3")
+    before = {p.name: p.read_bytes() for p in work.iterdir()}
+
+    message = lite_error(capsys, "smooth_quant", "tiny:llama", "--work-dir", work, *CALIB)
+
+    assert str(work) in message and "checkpoint" in message
+    assert {p.name: p.read_bytes() for p in work.iterdir()} == before
+
+
+def test_out_dir_not_written_by_lite_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+
+    message = lite_error(capsys, "export", "tiny:llama", "--work-dir", tmp_path / "work", "--out-dir", out)
+
+    assert str(out) in message
+    assert os.listdir(out) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--quant-dtype", "int4", ["int8", "fp8"]),
+    ("--w-stat", "median", ["lmdeploy", "absmax"]),
+    ("--alpha", "1.5", ["[0, 1]"]),
+    ("--calib-dataset", "no-such-dataset", ["wikitext2", "sample"]),
+    ("--dtype", "float64", ["float32", "bfloat16"]),
+])
+def test_bad_flag_values_list_the_choices(tmp_path, capsys, flag, value, expected):
+    work = tmp_path / "work"
+    args = list(CALIB)
+    if flag in args:
+        i = args.index(flag)
+        del args[i:i + 2]
+
+    message = lite_error(capsys, "smooth_quant", "tiny:llama", "--work-dir", work, *args, flag, value)
+
+    assert value in message and all(choice in message for choice in expected)
+    assert not (work / "quantized").exists() and leftovers(tmp_path) == []
+
+
+class FailingTokenizer:
+    """Fails after the weights and config.json are already in the temporary folder."""
+
+    def save_pretrained(self, folder):
+        raise OSError("No space left on device")
+
+
+def test_failed_write_leaves_no_folder_and_keeps_the_previous_export(tmp_path):
+    model = quantize_model_(build_tiny("llama"), "int8", None, False, progress=False)
+    out = tmp_path / "quantized"
+
+    with pytest.raises(OSError, match="No space"):
+        write_checkpoint(model, FailingTokenizer(), None, str(out))
+    assert not out.exists() and leftovers(tmp_path) == []
+
+    write_checkpoint(model, byte_tokenizer(), None, str(out))
+    complete = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(OSError, match="No space"):
+        write_checkpoint(model, FailingTokenizer(), None, str(out))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == complete
+    assert leftovers(tmp_path) == []
+
+
+def test_loading_a_float_folder_as_quantized_is_a_lite_error(tmp_path):
+    save_tiny(tmp_path / "float")
+
+    with pytest.raises(LiteError, match="not a smooth_quant checkpoint"):
+        load_quantized(str(tmp_path / "float"))
+    with pytest.raises(LiteError, match="no config.json"):
+        load_quantized(str(tmp_path))

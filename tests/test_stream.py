@@ -1,0 +1,139 @@
+"""The streamed one-pass smooth_quant gives exactly what the full-load pipeline gives (CPU)."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lite import pipeline, stream
+from lite.model import build_tiny, byte_tokenizer, load_model, weights_hash
+from lite.pipeline import CalibSettings, SmoothSettings
+from lite.shards import ShardReader, ShardWriter
+from lite.stream import plan_memory
+
+CALIB = CalibSettings("sample", 4, 48, 0)
+
+
+def save_model(tmp_path, model_type, **overrides):
+    folder = str(tmp_path / "model")
+    build_tiny(model_type, dtype=torch.bfloat16, **overrides).save_pretrained(folder, max_shard_size="40KB")
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def run_both(tmp_path, folder, monkeypatch, **kwargs):
+    """Output folders of the streamed and of the full-load smooth_quant with the same settings."""
+    settings = dict(batch_size=2, device="cpu", max_shard_size="30KB", **kwargs)
+    streamed = pipeline.smooth_quant(folder, str(tmp_path / "w_stream"), CALIB, SmoothSettings(), **settings)
+    monkeypatch.setattr(stream, "is_streamable", lambda source: False)
+    full = pipeline.smooth_quant(folder, str(tmp_path / "w_full"), CALIB, SmoothSettings(), **settings)
+    monkeypatch.undo()
+    return streamed, full
+
+
+def assert_same_folders(a, b):
+    assert sorted(os.listdir(a)) == sorted(os.listdir(b))
+    assert any(name.endswith(".safetensors") for name in os.listdir(a))
+    for name in os.listdir(a):
+        with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
+            assert fa.read() == fb.read(), f"{name} differs"
+
+
+@pytest.mark.parametrize("model_type,overrides,export_migration_scale", [
+    ("llama", {"tie_word_embeddings": False}, False),
+    ("llama", {}, True),  # tied embeddings, migration scales stored on the QLinears
+    ("gemma", {}, False),  # offset norms, an embed_scale buffer rebuilt from the config
+    ("phi3", {"tie_word_embeddings": False}, False),  # packed qkv_proj / gate_up_proj
+])
+def test_streamed_equals_full_load(tmp_path, monkeypatch, model_type, overrides, export_migration_scale):
+    folder = save_model(tmp_path, model_type, **overrides)
+    streamed, full = run_both(tmp_path, folder, monkeypatch, export_migration_scale=export_migration_scale)
+    assert_same_folders(streamed, full)  # bit for bit: every tensor, config.json, index, tokenizer
+    for name in ("inputs_stats.pth", "outputs_stats.pth", "migration_scales.pth"):
+        x = torch.load(tmp_path / "w_stream" / name, weights_only=True)
+        y = torch.load(tmp_path / "w_full" / name, weights_only=True)
+        if name == "migration_scales.pth":
+            x, y = {"s": x}, {"s": y}
+        for stat in y:
+            assert x[stat].keys() == y[stat].keys()
+            assert all(torch.equal(x[stat][fqn], y[stat][fqn]) for fqn in y[stat]), (name, stat)
+    manifests = [json.load(open(tmp_path / w / pipeline.MANIFEST)) for w in ("w_stream", "w_full")]
+    assert manifests[0]["model"] == manifests[1]["model"]
+    assert manifests[0]["artifacts"]["migration_scales"] == manifests[1]["artifacts"]["migration_scales"]
+
+
+def test_streamed_identity_matches_loaded_model(tmp_path):
+    folder = save_model(tmp_path, "qwen2")
+    streamed = stream.open_streamed(folder, "float32")
+    assert stream.streamed_weights_hash(streamed) == weights_hash(load_model(folder, "float32").model)
+
+
+def test_existing_statistics_take_the_full_load_path(tmp_path, monkeypatch):
+    """A work dir with artifacts is reused by the existing path; streaming never overwrites them."""
+    folder = save_model(tmp_path, "llama")
+    work = tmp_path / "w"
+    pipeline.calibrate(folder, str(work), CALIB, batch_size=2, device="cpu")
+    called = []
+    monkeypatch.setattr(stream, "stream_smooth_quant", lambda *a, **k: called.append(1))
+    out = pipeline.smooth_quant(folder, str(work), CALIB, SmoothSettings(), batch_size="auto", device="cpu")
+    assert not called and os.path.isfile(os.path.join(out, "config.json"))
+
+
+def test_shard_writer_writes_what_save_file_writes(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b.weight": torch.randint(-128, 127, (3, 5), generator=g, dtype=torch.int8),
+               "a.scale": torch.rand(3, 1, generator=g), "c": torch.rand(4, generator=g).to(torch.bfloat16),
+               "d": torch.rand(2, generator=g).to(torch.float8_e4m3fn), "e": torch.ones((), dtype=torch.int64)}
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    writer = ShardWriter(str(tmp_path), [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], 1 << 30)
+    for name in reversed(list(tensors)):  # any order
+        writer.write(name, tensors[name])
+    writer.close()
+    assert (tmp_path / "model.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    back = ShardReader(str(tmp_path)).read(list(tensors))
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name].float(), t.float())
+    assert torch.equal(ShardReader(str(tmp_path)).read_elements("a.scale", [0, 2]), tensors["a.scale"].reshape(-1)[[0, 2]])
+
+
+def test_plan_memory_keeps_activations_on_device_only_when_they_fit():
+    gib = 2**30
+    # Llama-3-8B shapes in bf16: a block is 0.44 GB, 128 samples of 2048 tokens 2 GiB of hidden states.
+    block, sample, per_sample = 436 * 10**6, 2048 * 4096 * 2, 2048 * 360_000
+    on_device, batch = plan_memory(8 * gib, block, sample, 128, per_sample, "auto")
+    assert on_device and batch >= 2
+    on_device, batch = plan_memory(3 * gib, block, sample, 128, per_sample, "auto")
+    assert not on_device and batch >= 1
+    assert plan_memory(8 * gib, block, sample, 128, per_sample, 3) == (True, 3)
+
+
+def test_row_chunked_folding_and_quantization_are_exact(monkeypatch):
+    """Large weights are smoothed and quantized a chunk of rows at a time: the same bits as all at once."""
+    from lite import quant, smooth
+    from lite.qmodules import QLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96, bias=True).to(torch.bfloat16)
+    s = torch.rand(64) + 0.5
+    whole = [torch.nn.Linear(64, 96, bias=True).to(torch.bfloat16) for _ in range(2)]
+    for w in whole:
+        w.load_state_dict(linear.state_dict())
+    smooth.scale_columns_(whole[0], s)
+    smooth.divide_rows_(whole[1], s[:48].repeat(2)[:40], slice(10, 50))
+    q_whole = QLinear.from_linear(linear, torch.int8, s)
+    stat_whole = smooth.weight_statistic([linear.weight, whole[0].weight], "lmdeploy")
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 64 * 7)  # 7 rows per chunk
+    monkeypatch.setattr(smooth, "CHUNK_ELEMENTS", 64 * 7)
+    chunked = [torch.nn.Linear(64, 96, bias=True).to(torch.bfloat16) for _ in range(2)]
+    for w in chunked:
+        w.load_state_dict(linear.state_dict())
+    smooth.scale_columns_(chunked[0], s)
+    smooth.divide_rows_(chunked[1], s[:48].repeat(2)[:40], slice(10, 50))
+    q_chunked = QLinear.from_linear(linear, torch.int8, s)
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    assert torch.equal(q_whole.weight, q_chunked.weight) and torch.equal(q_whole.scale, q_chunked.scale)
+    stat_chunked = smooth.weight_statistic([linear.weight, whole[0].weight], "lmdeploy")
+    assert torch.allclose(stat_whole, stat_chunked, rtol=1e-5, atol=0)
