@@ -39,7 +39,7 @@ def calibrate(model, work_dir=None, calib_dataset="wikitext2", calib_samples=128
     pipeline.calibrate(model, work_dir, calib, batch_size, device, dtype, trust_remote_code)
 
 
-def smooth(model, work_dir=None, alpha=0.5, w_stat="lmdeploy", calib_dataset="wikitext2", calib_samples=128,
+def smooth(model, work_dir=None, alpha=0.3, w_stat="lmdeploy", calib_dataset="wikitext2", calib_samples=128,
            calib_seqlen=2048, batch_size=4, seed=0, device=None, dtype="auto", trust_remote_code=False):
     """Compute SmoothQuant migration scales s = max|X|^alpha / w^(1-alpha) for every smoothing pair.
 
@@ -51,8 +51,8 @@ def smooth(model, work_dir=None, alpha=0.5, w_stat="lmdeploy", calib_dataset="wi
     Args:
         model: a local model folder, a hub id, or tiny:<model_type>.
         work_dir: folder of the artifacts.
-        alpha: migration strength in [0, 1]; 0 leaves activations as they are, 1 moves all of their
-            range into the weights.
+        alpha: migration strength in [0, 1]: the larger, the more of the activations' outlier range
+            moves into the weights. Default 0.3, chosen by measurement (README, "Choosing the defaults").
         w_stat: weight statistic w: lmdeploy (mean over rows of |W| / row max, then s normalized by
             sqrt(max(s)·min(s)); the default, best on our measurements) or absmax (the paper's column max).
         calib_dataset: see `lite calibrate --help`; used only when statistics must be (re)made.
@@ -111,7 +111,7 @@ def export(model, work_dir=None, quant_dtype="int8", export_migration_scale=Fals
                     bool(no_smooth), batch_size, device)
 
 
-def smooth_quant(model, work_dir=None, quant_dtype="int8", export_migration_scale=False, alpha=0.5,
+def smooth_quant(model, work_dir=None, quant_dtype="int8", export_migration_scale=False, alpha=0.3,
                  w_stat="lmdeploy", calib_dataset="wikitext2", calib_samples=128, calib_seqlen=2048,
                  batch_size="auto", seed=0, max_shard_size="5GB", out_dir=None, device=None, dtype="auto",
                  trust_remote_code=False, format="lmdeploy", act_scheme="dynamic", act_observer="minmax",

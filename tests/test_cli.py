@@ -22,6 +22,7 @@ from lite.data import SAMPLE_TEXT, calibration_tokens
 from lite.eval import eval_windows, perplexity
 from lite.export import load_quantized
 from lite.model import build_tiny, byte_tokenizer
+from lite.pipeline import SmoothSettings
 from lite.smooth import migration_scales
 
 CALIB = ["--calib-dataset", "sample", "--calib-samples", "4", "--calib-seqlen", "64", "--device", "cpu"]
@@ -168,7 +169,10 @@ def test_smooth_calibrates_first_when_statistics_are_missing(tmp_path):
 
     assert (work / "inputs_stats.pth").is_file() and (work / "migration_scales.pth").is_file()
     manifest = json.loads((work / "lite_manifest.json").read_text())
-    assert manifest["artifacts"]["migration_scales"]["alpha"] == 0.5
+    # The CLI's default alpha is the library's, and the manifest records the one used.
+    default_alpha = inspect.signature(COMMANDS["smooth"]).parameters["alpha"].default
+    assert default_alpha == SmoothSettings().alpha
+    assert manifest["artifacts"]["migration_scales"]["alpha"] == default_alpha
 
 
 def test_smooth_quant_with_migration_scales(tmp_path):
