@@ -14,9 +14,6 @@ engine (vLLM: `absmax / 127`, transformers' emulation: `absmax / 127.5`), so log
 transformers differ from lite's and vLLM's by that grid difference, a fraction of one int8 step.
 """
 
-import json
-import os
-
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
@@ -202,23 +199,11 @@ def _read_scheme(folder: str, qc: dict) -> tuple[dict, dict | None]:
 
 def load_compressed_tensors(folder: str) -> nn.Module:
     """Read a compressed-tensors W8A8 folder into a model of QLinears that computes what vLLM computes."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from lite.export import float_model_of_checkpoint, load_checkpoint_state_, read_state_dict
 
-    from lite.export import read_state_dict
-
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise LiteError(f"{folder} is not a model folder (no config.json)")
-    with open(path) as f:
-        qc = json.load(f).get("quantization_config") or {}
-    if qc.get("quant_method") != QUANT_METHOD:
-        raise LiteError(f"{folder} is not a {QUANT_METHOD} checkpoint (quantization_config: {qc})")
+    model, qc, dtype = float_model_of_checkpoint(folder, QUANT_METHOD)
     weights, inputs = _read_scheme(folder, qc)
     qdtype, static = QDTYPE_OF[(weights["type"], weights["num_bits"])], inputs["dynamic"] is False
-    config = AutoConfig.from_pretrained(folder)
-    del config.quantization_config
-    dtype = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, str(config.dtype or "float32"))
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     ignore = set(qc.get("ignore") or [])
     quantized = [name for name in float_linears(model) if name not in ignore]
     for name in quantized:
@@ -234,15 +219,7 @@ def load_compressed_tensors(folder: str) -> nn.Module:
         elif module in quantized and leaf == "input_scale":
             t = t.float().reshape(1)
         state[name] = t
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = getattr(config, "tie_word_embeddings", False)
-    if tied:
-        missing = [m for m in missing if m != f"{arch_for(config).lm_head}.weight"]
-        model.tie_weights()
-    if missing or unexpected:
-        raise LiteError(f"{folder} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.config.quantization_config = qc
-    return model
+    return load_checkpoint_state_(model, state, qc, folder)
 
 
 def describe(qc: dict) -> str:

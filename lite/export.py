@@ -171,8 +171,9 @@ def read_state_dict(folder: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_quantized(folder: str) -> nn.Module:
-    """Read a folder written by `write_checkpoint` back into a model that computes the quantized outputs."""
+def float_model_of_checkpoint(folder: str, quant_method: str) -> tuple[nn.Module, dict, torch.dtype]:
+    """(float model built from the folder's config, its quantization_config, the model dtype), after
+    checking that the folder is a `quant_method` checkpoint. The caller swaps in quantized modules."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = os.path.join(folder, "config.json")
@@ -180,13 +181,18 @@ def load_quantized(folder: str) -> nn.Module:
         raise LiteError(f"{folder} is not a model folder (no config.json)")
     with open(path) as f:
         qc = json.load(f).get("quantization_config") or {}
-    if qc.get("quant_method") != QUANT_METHOD:
-        raise LiteError(f"{folder} is not a {QUANT_METHOD} checkpoint (quantization_config: {qc})")
+    if qc.get("quant_method") != quant_method:
+        raise LiteError(f"{folder} is not a {quant_method} checkpoint (quantization_config: {qc})")
     config = AutoConfig.from_pretrained(folder)
     del config.quantization_config
     dtype = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, str(config.dtype or "float32"))
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    arch = arch_for(config)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval(), qc, dtype
+
+
+def load_quantized(folder: str) -> nn.Module:
+    """Read a folder written by `write_checkpoint` back into a model that computes the quantized outputs."""
+    model, qc, dtype = float_model_of_checkpoint(folder, QUANT_METHOD)
+    arch = arch_for(model.config)
     qdtype = getattr(torch, qc["quant_dtype"])
     migration = bool(qc.get("migration_scale"))
     for prefix, block in decoder_blocks(model, arch).items():
@@ -197,9 +203,14 @@ def load_quantized(folder: str) -> nn.Module:
             linear = block.get_submodule(name)
             block.set_submodule(name, QLinear(linear.in_features, linear.out_features, linear.bias is not None,
                                               qdtype, dtype, migration))
-    missing, unexpected = model.load_state_dict(read_state_dict(folder), strict=False)
-    if getattr(config, "tie_word_embeddings", False):
-        missing = [m for m in missing if m != f"{arch.lm_head}.weight"]
+    return load_checkpoint_state_(model, read_state_dict(folder), qc, folder)
+
+
+def load_checkpoint_state_(model: nn.Module, state: dict[str, torch.Tensor], qc: dict, folder: str) -> nn.Module:
+    """Load a checkpoint's tensors into a model whose quantized modules are in place; ties a tied lm_head."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if getattr(model.config, "tie_word_embeddings", False):
+        missing = [m for m in missing if m != f"{arch_for(model.config).lm_head}.weight"]
         model.tie_weights()
     if missing or unexpected:
         raise LiteError(f"{folder} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")

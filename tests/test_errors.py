@@ -4,9 +4,7 @@ Each case is crafted so that the check it names is the one that fires (e.g. a fo
 file without a manifest reaches the statistics check; with a manifest, the manifest check fires).
 """
 
-import json
 import os
-import shutil
 
 import pytest
 import torch
