@@ -214,6 +214,11 @@ def check_out_dir(work: WorkDir, out_dir: str | None) -> str:
     return out_dir
 
 
+def check_quant_dtype(quant_dtype: str) -> None:
+    if quant_dtype not in QUANT_DTYPES:
+        raise LiteError(f"--quant-dtype {quant_dtype!r} is not one of: {', '.join(QUANT_DTYPES)}")
+
+
 def run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir,
                fmt="lmdeploy", act=ActSettings(), calib=None, batch_size=4, device="cpu") -> str:
     """Quantize and write in `fmt`, then read the folder back and compare logits.
@@ -221,8 +226,7 @@ def run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_sh
     `calib` (the calibration settings) gives the windows for static activation scales and the
     read-back check; it is required for static scales.
     """
-    if quant_dtype not in QUANT_DTYPES:
-        raise LiteError(f"--quant-dtype {quant_dtype!r} is not one of: {', '.join(QUANT_DTYPES)}")
+    check_quant_dtype(quant_dtype)
     check_export_options(fmt, act, export_migration_scale)
     out_dir = check_out_dir(work, out_dir)
     tokens = None
@@ -289,6 +293,7 @@ def smooth_quant(model, work_dir, calib: CalibSettings, smoothing: SmoothSetting
                  export_migration_scale=False, max_shard_size="5GB", out_dir=None, batch_size=4, device=None,
                  dtype="auto", trust_remote_code=False, fmt="lmdeploy", act=ActSettings(), no_smooth=False,
                  max_gpu_memory="8GiB") -> str:
+    check_quant_dtype(quant_dtype)  # before calibrating, not after
     check_export_options(fmt, act, export_migration_scale)
     device = device or default_device()
     if fmt == "lmdeploy" and not act.static and not no_smooth:

@@ -218,6 +218,8 @@ def test_bad_flag_values_list_the_choices(tmp_path, capsys, flag, value, expecte
 
     assert value in message and all(choice in message for choice in expected)
     assert not (work / "quantized").exists() and leftovers(tmp_path) == []
+    # Refused up front, before any calibration work.
+    assert not (work / "inputs_stats.pth").exists()
 
 
 class FailingTokenizer:
