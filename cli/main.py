@@ -15,7 +15,8 @@ from lite.pipeline import CalibSettings, SmoothSettings
 
 def calibrate(model, work_dir=None, calib_dataset="wikitext2", calib_samples=128, calib_seqlen=2048,
               batch_size=4, seed=0, device=None, dtype="auto", trust_remote_code=False):
-    """Collect per-channel activation statistics, one decoder block at a time.
+    """Collect per-channel activation statistics, one decoder block at a time (for a local safetensors
+    folder, each block's weights are read from the shards when its turn comes, never the whole model).
 
     Writes WORK_DIR/inputs_stats.pth and WORK_DIR/outputs_stats.pth in lmdeploy's layout
     ({max,min,mean,absmax,absmean} -> {linear fqn -> fp32 tensor}) and records the settings in
@@ -45,6 +46,7 @@ def smooth(model, work_dir=None, alpha=0.3, w_stat="lmdeploy", calib_dataset="wi
 
     Reads WORK_DIR/inputs_stats.pth (calibrating first when it is missing or was made with other
     calibration settings) and writes WORK_DIR/migration_scales.pth = {consumer linear fqn -> s}.
+    For a local safetensors folder only one block's weights are in memory at a time.
     Pairs: each block's norms -> the linears they feed, v_proj -> o_proj (one factor per KV channel
     under grouped-query attention) and up_proj -> down_proj.
 
@@ -80,7 +82,9 @@ def export(model, work_dir=None, quant_dtype="int8", export_migration_scale=Fals
     quantization_config and the tokenizer files. lmdeploy format also turns the norms feeding the
     linears into QRMSNorm; compressed-tensors keeps them plain with the smoothing folded in. The
     folder appears only when complete; it is then read back and its logits compared with the
-    in-memory model's.
+    in-memory model's. For a local safetensors folder in lmdeploy format with dynamic activations,
+    the model is never loaded whole: each block is read from the shards, quantized and written to
+    the output shards in turn (no read-back check then; the result is the same, tensor for tensor).
 
     Args:
         model: a local model folder, a hub id, or tiny:<model_type>.
@@ -165,7 +169,7 @@ def eval(*models, dataset="wikitext2", seqlen=512, samples=None, batch_size=8, d
     Args:
         models: model folders, hub ids, tiny:<model_type> names, or folders lite exported.
         dataset: wikitext2, c4, ptb (their test splits), sample, or a .txt/.jsonl/.parquet file.
-        seqlen: tokens per window, BOS included; every other token of the window is scored.
+        seqlen: tokens per window, BOS included; every token after BOS is scored.
         samples: use at most this many windows (default: the whole text).
         batch_size: windows per forward call.
         device: cuda (default when available) or cpu.

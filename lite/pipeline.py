@@ -166,8 +166,9 @@ def run_calibrate(loaded: LoadedModel, work: WorkDir, calib: CalibSettings, batc
     return inputs
 
 
-def ensure_statistics(loaded, work, calib, batch_size, device, dtype) -> dict:
-    """inputs_stats from the work dir when made with these settings (or by another tool), else calibrate."""
+def reusable_statistics(loaded, work, calib, dtype) -> dict | None:
+    """inputs_stats from the work dir when made with these settings (or by another tool), validated
+    against `loaded` (a LoadedModel or a streamed skeleton); None when they must be made again."""
     settings = {**asdict(calib), "dtype": dtype}
     path = work.file(INPUTS_STATS)
     recorded = work.settings_of("statistics")
@@ -177,7 +178,13 @@ def ensure_statistics(loaded, work, calib, batch_size, device, dtype) -> dict:
         return stats
     if recorded is not None:
         print(f"statistics in {work.path} were made with other settings; calibrating again")
-    return run_calibrate(loaded, work, calib, batch_size, device, dtype)
+    return None
+
+
+def ensure_statistics(loaded, work, calib, batch_size, device, dtype) -> dict:
+    """inputs_stats from the work dir when they may be reused, else calibrate."""
+    stats = reusable_statistics(loaded, work, calib, dtype)
+    return stats if stats is not None else run_calibrate(loaded, work, calib, batch_size, device, dtype)
 
 
 def run_smooth(loaded, work, calib, smoothing, batch_size, device, dtype) -> dict:
@@ -252,17 +259,45 @@ def open_model(model: str, work_dir: str, dtype: str, trust_remote_code: bool) -
     return loaded, WorkDir(work_dir, loaded)
 
 
+def open_streamed(model: str, work_dir: str, dtype: str, trust_remote_code: bool):
+    """(StreamedModel, WorkDir) when MODEL is a local safetensors folder whose skeleton streams, else None."""
+    from lite import stream
+
+    if work_dir is None or not stream.is_streamable(model):
+        return None
+    streamed = stream.open_streamed(model, dtype, trust_remote_code)
+    if streamed is None:
+        return None
+    return streamed, WorkDir(work_dir, None, stream.identity(streamed))
+
+
 def calibrate(model, work_dir, calib: CalibSettings, batch_size=4, device=None, dtype="auto",
               trust_remote_code=False) -> None:
-    loaded, work = open_model(model, work_dir, dtype, trust_remote_code)
-    run_calibrate(loaded, work, calib, batch_size, device or default_device(), dtype)
+    from lite import stream
+
+    device = device or default_device()
+    streamed = open_streamed(model, work_dir, dtype, trust_remote_code)
+    if streamed is not None:
+        sm, work = streamed
+        stream.stream_calibrate(sm, work, calib, batch_size, device, dtype)
+    else:
+        loaded, work = open_model(model, work_dir, dtype, trust_remote_code)
+        run_calibrate(loaded, work, calib, batch_size, device, dtype)
     print(f"wrote {work.file(INPUTS_STATS)} and {work.file(OUTPUTS_STATS)}")
 
 
 def smooth(model, work_dir, calib: CalibSettings, smoothing: SmoothSettings, batch_size=4, device=None,
            dtype="auto", trust_remote_code=False) -> None:
-    loaded, work = open_model(model, work_dir, dtype, trust_remote_code)
-    run_smooth(loaded, work, calib, smoothing, batch_size, device or default_device(), dtype)
+    from lite import stream
+
+    device = device or default_device()
+    streamed = open_streamed(model, work_dir, dtype, trust_remote_code)
+    if streamed is not None:
+        sm, work = streamed
+        stream.stream_smooth(sm, work, calib, smoothing, batch_size, device, dtype)
+    else:
+        loaded, work = open_model(model, work_dir, dtype, trust_remote_code)
+        run_smooth(loaded, work, calib, smoothing, batch_size, device, dtype)
     print(f"wrote {work.file(SCALES)}")
 
 
@@ -277,16 +312,28 @@ def recorded_calib(work: WorkDir) -> CalibSettings | None:
 def export(model, work_dir, quant_dtype="int8", export_migration_scale=False, max_shard_size="5GB", out_dir=None,
            dtype="auto", trust_remote_code=False, fmt="lmdeploy", act=ActSettings(), no_smooth=False,
            batch_size=4, device=None) -> str:
-    loaded, work = open_model(model, work_dir, dtype, trust_remote_code)
+    from lite import stream
+
     check_export_options(fmt, act, export_migration_scale)
+    device = device or default_device()
+    # lmdeploy with dynamic activations needs no forward pass: stream the blocks shard in, shard out.
+    streamed = open_streamed(model, work_dir, dtype, trust_remote_code) if fmt == "lmdeploy" and not act.static \
+        else None
+    if streamed is not None:
+        loaded, work = streamed
+    else:
+        loaded, work = open_model(model, work_dir, dtype, trust_remote_code)
     scales = None
     if os.path.isfile(work.file(SCALES)) and not no_smooth:
         scales = _load_tensors(work.file(SCALES))
         validate_scales(scales, loaded, work.file(SCALES))
     elif export_migration_scale:
         print(f"no {SCALES} in {work.path} (or --no-smooth): every migration_scale will be ones")
+    if streamed is not None:
+        return stream.stream_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size,
+                                    out_dir, device)
     return run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir,
-                      fmt, act, recorded_calib(work) if act.static else None, batch_size, device or default_device())
+                      fmt, act, recorded_calib(work) if act.static else None, batch_size, device)
 
 
 def smooth_quant(model, work_dir, calib: CalibSettings, smoothing: SmoothSettings, quant_dtype="int8",

@@ -12,6 +12,10 @@ artifacts in the work dir and the same checkpoint, tensor for tensor (bit for bi
 Memory: one block's weights (two while the next is read), the cached hidden states (on the device
 while they fit `--max-gpu-memory`, else in pinned CPU memory, moved one batch at a time), and one
 batch of activations.
+
+`walk_blocks` is that pass with each part optional, so the stand-alone stages stream too:
+`lite calibrate` (forward and statistics only), `lite smooth` from existing statistics (weights only,
+no forward) and `lite export` (weights read, scales folded, quantized, written; no forward).
 """
 
 import copy
@@ -32,6 +36,7 @@ from lite.data import calibration_tokens
 from lite.errors import LiteError
 from lite.export import (parse_size, quantization_config, quantize_block_, staged_folder, write_model_files)
 from lite.model import config_hash, decoder_blocks, resolve_dtype
+from lite.observers import ActSettings
 from lite.qmodules import QLinear, QRMSNorm
 from lite.quant import CHUNK_ELEMENTS, QUANT_DTYPES, quant_dtype_of, row_chunks
 from lite.shards import ShardReader, ShardWriter, checkpoint_files
@@ -243,39 +248,52 @@ def _check_options(quant_dtype, batch_size) -> None:
         raise LiteError(f"--batch-size must be a positive integer or auto, got {batch_size!r}")
 
 
+@dataclass(frozen=True)
+class ExportSpec:
+    """What `walk_blocks` writes when it exports: the lmdeploy layout with dynamic activations."""
+
+    quant_dtype: str = "int8"
+    export_migration_scale: bool = False
+    max_shard_size: int | str = "5GB"
+
+
 @torch.no_grad()
-def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="int8", export_migration_scale=False,
-                        max_shard_size="5GB", out_dir=None, batch_size="auto", device="cpu", dtype="auto",
-                        max_gpu_memory=DEFAULT_MAX_GPU_MEMORY) -> str:
-    """Calibrate, smooth and export in one pass over the blocks; returns the output folder.
+def walk_blocks(sm: StreamedModel, timer: _Timer, tokens: torch.Tensor | None = None, smoothing=None,
+                act_absmax: dict | None = None, scales: dict | None = None, export: ExportSpec | None = None,
+                out_folder: str | None = None, batch_size="auto", device="cpu",
+                max_gpu_memory=DEFAULT_MAX_GPU_MEMORY) -> tuple[dict, dict, dict, dict]:
+    """One pass over the blocks, each read from the shards once; what happens to a block depends on what is given:
 
-    Writes the same work-dir artifacts as `lite calibrate` and `lite smooth` (statistics, migration
-    scales, manifest entries) and the same checkpoint as `lite export`.
+    - `tokens` `(samples, seqlen)`: they run through the block with observers on it (statistics), and
+      its outputs become the next block's inputs;
+    - `smoothing`: migration scales from the block's weights and `act_absmax` (`{linear fqn: max|X|}`),
+      or the statistics just taken when `act_absmax` is None;
+    - `scales`: migration scales given (`{consumer fqn: s}`), used when `smoothing` is None;
+    - `export`: the scales folded (or stored), the block quantized and written into shards in `out_folder`,
+      with the embeddings, final norm, lm_head, config.json and tokenizer files.
+
+    Returns `(inputs_stats, outputs_stats, migration scales computed, summary)`.
     """
-    from lite.pipeline import INPUTS_STATS, OUTPUTS_STATS, SCALES, check_out_dir
-
-    timer = _Timer(sm.opened_at or time.perf_counter())
-    _check_options(quant_dtype, batch_size)
-    out_dir = check_out_dir(work, out_dir)
     device = torch.device(device)
     cuda = device.type == "cuda"
     model, arch, config, reader = sm.model, sm.arch, sm.config, sm.reader
-    qdtype, esize = quant_dtype_of(quant_dtype), torch.empty((), dtype=sm.dtype).element_size()
+    esize = torch.empty((), dtype=sm.dtype).element_size()
     blocks = decoder_blocks(model, arch)
-    tokens = calibration_tokens(sm.tokenizer, calib.calib_dataset, calib.calib_samples, calib.calib_seqlen,
-                                calib.seed, vocab_size=config.vocab_size)
-    layout = output_layout(sm, quant_dtype, export_migration_scale)
     block_bytes = max(sum(p.numel() for p in b.parameters()) * esize for b in blocks.values())
-    budget = parse_size(max_gpu_memory) if cuda else 1 << 62
-    samples, seqlen = tokens.shape
-    per_sample = seqlen * per_token_bytes(config, esize)
-    if cuda:
-        on_device, batch_size = plan_memory(budget, block_bytes, seqlen * config.hidden_size * esize, samples,
-                                            per_sample, batch_size)
-    else:  # on the CPU: activations no larger than a block's weights; the batch size hardly changes the speed
+    on_device, summary = True, {}
+    if not cuda:
         _unmap_large_frees()
-        on_device = True
-        batch_size = max(1, min(samples, block_bytes // per_sample)) if batch_size == "auto" else batch_size
+    if tokens is not None:
+        budget = parse_size(max_gpu_memory) if cuda else 1 << 62
+        samples, seqlen = tokens.shape
+        per_sample = seqlen * per_token_bytes(config, esize)
+        if cuda:
+            on_device, batch_size = plan_memory(budget, block_bytes, seqlen * config.hidden_size * esize, samples,
+                                                per_sample, batch_size)
+        else:  # on the CPU: activations no larger than a block's weights; the batch size hardly changes the speed
+            batch_size = max(1, min(samples, block_bytes // per_sample)) if batch_size == "auto" else batch_size
+        summary.update(batch_size=batch_size, hidden_on_device=on_device)
+    qdtype = quant_dtype_of(export.quant_dtype) if export is not None else None
     timer.lap("setup")
 
     read_pool, write_pool = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
@@ -317,28 +335,35 @@ def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="
         event.record()
         return host, event
 
-    inputs_stats, outputs_stats, scales = {}, {}, {}
+    inputs_stats, outputs_stats, found_scales = {}, {}, {}
     prefixes = list(blocks)
-    with staged_folder(out_dir) as tmp:
-        writer = ShardWriter(tmp, layout, parse_size(max_shard_size))
-        embed_name = f"{arch.embed}.weight"
+    writer, tail_names, written = None, [], None
+    if export is not None:
+        writer = ShardWriter(out_folder, output_layout(sm, export.quant_dtype, export.export_migration_scale),
+                             parse_size(export.max_shard_size))
         tail_names = [n for n in (f"{arch.final_norm}.weight", f"{arch.lm_head}.weight") if n in writer.where]
-        pending = read_ahead(fetch, prefixes[0])
-        written = None
-        try:
-            # Block 0's inputs: the model's own forward up to the first block (embeddings, rotary tables, masks).
-            # The embeddings (1 GB and more) pass through CPU memory a chunk of rows at a time.
+    pending = read_ahead(fetch, prefixes[0])
+    hidden, kwargs, pinned = [], [], None
+    try:
+        if tokens is not None or writer is not None:
+            # The embeddings (1 GB and more) pass through CPU memory a chunk of rows at a time: to the
+            # output, and to the device for the model's own forward up to the first block.
+            embed_name = f"{arch.embed}.weight"
             embed_shape = reader.entries[embed_name].shape
-            embed = torch.empty(embed_shape, dtype=sm.dtype, device=device)
+            embed = torch.empty(embed_shape, dtype=sm.dtype, device=device) if tokens is not None else None
             for rows in row_chunks(*embed_shape):
                 part = reader.read_rows(embed_name, rows.start, rows.stop).to(sm.dtype)  # (rows, hidden)
-                writer.write(embed_name, part, row_start=rows.start)
-                embed[rows] = part.to(device)
+                if writer is not None:
+                    writer.write(embed_name, part, row_start=rows.start)
+                if embed is not None:
+                    embed[rows] = part.to(device)
+            del part
+        if tokens is not None:
+            # Block 0's inputs: the model's own forward up to the first block (embeddings, rotary tables, masks).
             _set_tensor(model, embed_name, embed, parameter=True)
-            del embed, part
+            del embed
             for name, b in list(model.named_buffers()):
                 _set_tensor(model, name, b.to(device), parameter=False)
-            hidden, kwargs = [], []
             # Hidden states that do not fit the device budget wait in one pinned CPU buffer.
             pinned = None if on_device or not cuda else torch.empty((samples, seqlen, config.hidden_size),
                                                                     dtype=sm.dtype, pin_memory=True)
@@ -350,19 +375,25 @@ def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="
             _set_tensor(model, embed_name, torch.empty(embed_shape, dtype=sm.dtype, device="meta"), parameter=True)
             timer.lap("capture")
 
-            for i, prefix in enumerate(prefixes):
-                weights = pending.result()
-                if i + 1 < len(prefixes):
-                    pending = read_ahead(fetch, prefixes[i + 1])
-                else:  # the final norm and lm_head, copied while the last block runs
-                    pending = read_ahead(copy_tail)
-                timer.lap("wait_read")
-                block = blocks[prefix]
-                for name, t in weights.items():
-                    if cuda:  # allocated on the copy stream: not to be reused before this stream's work is done
-                        t.record_stream(torch.cuda.current_stream(device))
-                    _set_tensor(model, name, t, parameter=True)
-                del weights
+        for i, prefix in enumerate(prefixes):
+            weights = pending.result()
+            if i + 1 < len(prefixes):
+                pending = read_ahead(fetch, prefixes[i + 1])
+            elif writer is not None:  # the final norm and lm_head, copied while the last block runs
+                pending = read_ahead(copy_tail)
+            else:
+                pending = None
+            timer.lap("wait_read")
+            block = blocks[prefix]
+            for name, t in weights.items():
+                if cuda:  # allocated on the copy stream: not to be reused before this stream's work is done
+                    t.record_stream(torch.cuda.current_stream(device))
+                _set_tensor(model, name, t, parameter=True)
+            del weights
+            if writer is None:  # when exporting, quantize_block_ checks them
+                for name, p in block.named_parameters():
+                    check_finite(f"{prefix}.{name}", p, "weight")
+            if tokens is not None:
                 observed_in, observed_out, handles = attach_observers(block, prefix, arch)
                 try:
                     for j, (h, kw) in enumerate(zip(hidden, kwargs)):
@@ -381,40 +412,141 @@ def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="
                         for stat, value in stats.result().items():
                             check_finite(fqn, value, f"calibration statistic {stat!r}")
                             table.setdefault(stat, {})[fqn] = value
-                absmax = {fqn: stats.absmax for fqn, stats in observed_in.items()}
+            block_scales = {}
+            if smoothing is not None:
+                if act_absmax is None:
+                    absmax = {fqn: stats.absmax for fqn, stats in observed_in.items()}
+                else:
+                    absmax = {f"{prefix}.{n}": act_absmax[f"{prefix}.{n}"].to(device)
+                              for n in quantized_linears(arch, block)}
                 block_scales = migration_scales({prefix: block}, arch, config, absmax, float(smoothing.alpha),
                                                 smoothing.w_stat)
-                quantize_block_(block, prefix, arch, config, qdtype, block_scales, export_migration_scale)
-                scales.update({fqn: s.cpu() for fqn, s in block_scales.items()})
-                timer.lap("smooth_quantize")
+                found_scales.update({fqn: s.cpu() for fqn, s in block_scales.items()})
+            elif scales:
+                block_scales = {fqn: s.to(device) for fqn, s in scales.items() if fqn.startswith(prefix + ".")}
+            if writer is not None:
+                quantize_block_(block, prefix, arch, config, qdtype, block_scales, export.export_migration_scale)
+            timer.lap("smooth_quantize")
+            if writer is not None:
                 outputs, ready = to_host(block.state_dict(prefix=prefix + "."))
                 if written is not None:
                     written.result()  # at most one block waits for the disk
                 written = write_pool.submit(write, outputs, ready)
-                block.to("meta")
-                timer.lap("write")
-            del hidden, kwargs, pinned, outputs
+                del outputs
+            block.to("meta")
+            timer.lap("write")
+        del hidden, kwargs, pinned
+        if pending is not None:
             pending.result()
-            written.result()
+        if writer is not None:
+            if written is not None:
+                written.result()
             writer.close()
-            model.config.quantization_config = quantization_config(quant_dtype, export_migration_scale)
-            write_model_files(tmp, model.config, sm.dtype, sm.tokenizer, sm.folder)
-        finally:
-            read_pool.shutdown(wait=True, cancel_futures=True)
-            write_pool.shutdown(wait=True)
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
+            model.config.quantization_config = quantization_config(export.quant_dtype, export.export_migration_scale)
+            write_model_files(out_folder, model.config, sm.dtype, sm.tokenizer, sm.folder)
+    finally:
+        read_pool.shutdown(wait=True, cancel_futures=True)
+        write_pool.shutdown(wait=True)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    if cuda:
+        summary["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
+    return inputs_stats, outputs_stats, found_scales, summary
+
+
+def _print_timings(sm: StreamedModel, timer: _Timer, summary: dict) -> None:
+    timer.lap("finish")
+    summary = {**timer.times, "of_which_identity": sm.identity_s, **summary}
+    print("timings " + " ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="int8", export_migration_scale=False,
+                        max_shard_size="5GB", out_dir=None, batch_size="auto", device="cpu", dtype="auto",
+                        max_gpu_memory=DEFAULT_MAX_GPU_MEMORY) -> str:
+    """Calibrate, smooth and export in one pass over the blocks; returns the output folder.
+
+    Writes the same work-dir artifacts as `lite calibrate` and `lite smooth` (statistics, migration
+    scales, manifest entries) and the same checkpoint as `lite export`.
+    """
+    from lite.pipeline import INPUTS_STATS, OUTPUTS_STATS, SCALES, check_out_dir
+
+    timer = _Timer(sm.opened_at or time.perf_counter())
+    _check_options(quant_dtype, batch_size)
+    out_dir = check_out_dir(work, out_dir)
+    tokens = calibration_tokens(sm.tokenizer, calib.calib_dataset, calib.calib_samples, calib.calib_seqlen,
+                                calib.seed, vocab_size=sm.config.vocab_size)
+    with staged_folder(out_dir) as tmp:
+        inputs_stats, outputs_stats, scales, summary = walk_blocks(
+            sm, timer, tokens, smoothing, export=ExportSpec(quant_dtype, export_migration_scale, max_shard_size),
+            out_folder=tmp, batch_size=batch_size, device=device, max_gpu_memory=max_gpu_memory)
         # Artifacts first, then the folder appears: a finished output folder always has its statistics.
         settings = {**asdict(calib), "dtype": dtype}
         work.save("statistics", settings, {INPUTS_STATS: inputs_stats, OUTPUTS_STATS: outputs_stats})
         work.save("migration_scales", {**settings, **asdict(smoothing)}, {SCALES: scales})
     work.record("export", {"out_dir": out_dir, "quant_dtype": quant_dtype, "format": "lmdeploy",
                            "export_migration_scale": export_migration_scale, "smoothed": True, "streamed": True})
-    timer.lap("finish")
-    summary = {**timer.times, "of_which_identity": sm.identity_s, "batch_size": batch_size,
-               "hidden_on_device": on_device}
-    if cuda:
-        summary["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
-    print("timings " + " ".join(f"{k}={v}" for k, v in summary.items()))
+    _print_timings(sm, timer, summary)
+    print(f"wrote {out_dir}")
+    return out_dir
+
+
+def stream_calibrate(sm: StreamedModel, work, calib, batch_size="auto", device="cpu", dtype="auto",
+                     max_gpu_memory=DEFAULT_MAX_GPU_MEMORY) -> dict:
+    """`lite calibrate` over the streamed blocks: the same statistics files and manifest entry as
+    `pipeline.run_calibrate`; returns inputs_stats."""
+    from lite.pipeline import INPUTS_STATS, OUTPUTS_STATS
+
+    timer = _Timer(sm.opened_at or time.perf_counter())
+    _check_options("int8", batch_size)
+    tokens = calibration_tokens(sm.tokenizer, calib.calib_dataset, calib.calib_samples, calib.calib_seqlen,
+                                calib.seed, vocab_size=sm.config.vocab_size)
+    inputs_stats, outputs_stats, _, summary = walk_blocks(sm, timer, tokens, batch_size=batch_size, device=device,
+                                                          max_gpu_memory=max_gpu_memory)
+    work.save("statistics", {**asdict(calib), "dtype": dtype}, {INPUTS_STATS: inputs_stats, OUTPUTS_STATS: outputs_stats})
+    _print_timings(sm, timer, summary)
+    return inputs_stats
+
+
+def stream_smooth(sm: StreamedModel, work, calib, smoothing, batch_size="auto", device="cpu", dtype="auto",
+                  max_gpu_memory=DEFAULT_MAX_GPU_MEMORY) -> dict:
+    """`lite smooth` over the streamed blocks: from the work dir's statistics when they may be reused (the
+    blocks' weights are read, nothing runs forward), else calibrating in the same pass. The same
+    artifacts and manifest entries as `pipeline.run_smooth`; returns the migration scales."""
+    from lite.pipeline import INPUTS_STATS, OUTPUTS_STATS, SCALES, reusable_statistics
+
+    timer = _Timer(sm.opened_at or time.perf_counter())
+    settings = {**asdict(calib), "dtype": dtype}
+    stats = reusable_statistics(sm, work, calib, dtype)
+    if stats is not None:
+        _, _, scales, summary = walk_blocks(sm, timer, smoothing=smoothing, act_absmax=stats["absmax"], device=device)
+    else:
+        _check_options("int8", batch_size)
+        tokens = calibration_tokens(sm.tokenizer, calib.calib_dataset, calib.calib_samples, calib.calib_seqlen,
+                                    calib.seed, vocab_size=sm.config.vocab_size)
+        inputs_stats, outputs_stats, scales, summary = walk_blocks(
+            sm, timer, tokens, smoothing, batch_size=batch_size, device=device, max_gpu_memory=max_gpu_memory)
+        work.save("statistics", settings, {INPUTS_STATS: inputs_stats, OUTPUTS_STATS: outputs_stats})
+    work.save("migration_scales", {**settings, **asdict(smoothing)}, {SCALES: scales})
+    _print_timings(sm, timer, summary)
+    return scales
+
+
+def stream_export(sm: StreamedModel, work, scales: dict | None, quant_dtype="int8", export_migration_scale=False,
+                  max_shard_size="5GB", out_dir=None, device="cpu") -> str:
+    """`lite export` (lmdeploy format, dynamic activations) over the streamed blocks: each block read,
+    `scales` folded in (or stored), quantized and written; no forward pass. The same checkpoint and
+    manifest entry as `pipeline.run_export`; returns the output folder."""
+    from lite.pipeline import check_out_dir
+
+    timer = _Timer(sm.opened_at or time.perf_counter())
+    _check_options(quant_dtype, "auto")
+    out_dir = check_out_dir(work, out_dir)
+    with staged_folder(out_dir) as tmp:
+        _, _, _, summary = walk_blocks(sm, timer, scales=scales or {}, out_folder=tmp, device=device,
+                                       export=ExportSpec(quant_dtype, export_migration_scale, max_shard_size))
+    work.record("export", {"out_dir": out_dir, "quant_dtype": quant_dtype, "format": "lmdeploy",
+                           **asdict(ActSettings()), "export_migration_scale": export_migration_scale,
+                           "smoothed": bool(scales), "streamed": True})
+    _print_timings(sm, timer, summary)
     print(f"wrote {out_dir}")
     return out_dir

@@ -137,3 +137,86 @@ def test_row_chunked_folding_and_quantization_are_exact(monkeypatch):
     assert torch.equal(q_whole.weight, q_chunked.weight) and torch.equal(q_whole.scale, q_chunked.scale)
     stat_chunked = smooth.weight_statistic([linear.weight, whole[0].weight], "lmdeploy")
     assert torch.allclose(stat_whole, stat_chunked, rtol=1e-5, atol=0)
+
+
+def run_stages(folder, work, stages, streamed, monkeypatch, export_migration_scale=False, no_smooth=False):
+    """Run the stand-alone stages in order into `work`, streamed (load_model must not be called) or full-load."""
+    with monkeypatch.context() as m:
+        if streamed:
+            m.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the streamed stage loaded the model"))
+        else:
+            m.setattr(stream, "is_streamable", lambda source: False)
+        for stage in stages:
+            if stage == "calibrate":
+                pipeline.calibrate(folder, work, CALIB, batch_size=2, device="cpu")
+            elif stage == "smooth":
+                pipeline.smooth(folder, work, CALIB, SmoothSettings(), batch_size=2, device="cpu")
+            else:
+                pipeline.export(folder, work, export_migration_scale=export_migration_scale, max_shard_size="30KB",
+                                no_smooth=no_smooth, device="cpu")
+
+
+def assert_same_work_dirs(a, b):
+    """Every artifact tensor for tensor, the manifests' settings alike (the export's folder and the
+    `streamed` mark aside), and the output folders byte for byte."""
+    for name in ("inputs_stats.pth", "outputs_stats.pth", "migration_scales.pth"):
+        assert os.path.isfile(os.path.join(a, name)) == os.path.isfile(os.path.join(b, name)), name
+        if not os.path.isfile(os.path.join(a, name)):
+            continue
+        x = torch.load(os.path.join(a, name), weights_only=True)
+        y = torch.load(os.path.join(b, name), weights_only=True)
+        if name == "migration_scales.pth":
+            x, y = {"s": x}, {"s": y}
+        assert x.keys() == y.keys()
+        for stat in y:
+            assert x[stat].keys() == y[stat].keys()
+            assert all(torch.equal(x[stat][fqn], y[stat][fqn]) for fqn in y[stat]), (name, stat)
+    manifests = [json.load(open(os.path.join(w, pipeline.MANIFEST))) for w in (a, b)]
+    assert manifests[0]["model"] == manifests[1]["model"]
+    artifacts = [m["artifacts"] for m in manifests]
+    assert artifacts[0].keys() == artifacts[1].keys()
+    if "export" in artifacts[0]:
+        assert artifacts[0]["export"].pop("streamed") is True
+        for m in artifacts:
+            m["export"].pop("out_dir")
+        assert_same_folders(os.path.join(a, "quantized"), os.path.join(b, "quantized"))
+    assert artifacts[0] == artifacts[1]
+
+
+@pytest.mark.parametrize("model_type,overrides,export_migration_scale", [
+    ("llama", {"tie_word_embeddings": False}, False),
+    ("llama", {}, True),  # tied embeddings, migration scales stored on the QLinears
+    ("gemma", {}, False),  # offset norms
+    ("phi3", {"tie_word_embeddings": False}, False),  # packed qkv_proj / gate_up_proj
+])
+def test_streamed_stages_equal_full_load(tmp_path, monkeypatch, model_type, overrides, export_migration_scale):
+    """calibrate → smooth → export, each stand-alone stage streamed, gives what the full-load stages give."""
+    folder = save_model(tmp_path, model_type, **overrides)
+    stages = ("calibrate", "smooth", "export")
+    for streamed, work in ((True, "w_stream"), (False, "w_full")):
+        run_stages(folder, str(tmp_path / work), stages, streamed, monkeypatch, export_migration_scale)
+    assert_same_work_dirs(str(tmp_path / "w_stream"), str(tmp_path / "w_full"))
+
+
+@pytest.mark.parametrize("stages,kwargs", [
+    (("calibrate",), {}),
+    (("smooth",), {}),  # no statistics yet: calibrated in the same pass
+    (("export",), {}),  # no migration scales: quantized unsmoothed
+    (("export",), {"export_migration_scale": True}),  # every migration_scale ones
+])
+def test_each_streamed_stage_equals_full_load(tmp_path, monkeypatch, stages, kwargs):
+    folder = save_model(tmp_path, "qwen2")
+    for streamed, work in ((True, "w_stream"), (False, "w_full")):
+        run_stages(folder, str(tmp_path / work), stages, streamed, monkeypatch, **kwargs)
+    assert_same_work_dirs(str(tmp_path / "w_stream"), str(tmp_path / "w_full"))
+
+
+def test_streamed_stages_reuse_full_load_artifacts(tmp_path, monkeypatch):
+    """Artifacts from one path feed the other: full-load statistics → streamed smooth → streamed export
+    (with --no-smooth) gives what the full-load path gives."""
+    folder = save_model(tmp_path, "llama", tie_word_embeddings=False)
+    for work in ("w_stream", "w_full"):
+        run_stages(folder, str(tmp_path / work), ("calibrate",), False, monkeypatch)
+    run_stages(folder, str(tmp_path / "w_stream"), ("smooth", "export"), True, monkeypatch, no_smooth=True)
+    run_stages(folder, str(tmp_path / "w_full"), ("smooth", "export"), False, monkeypatch, no_smooth=True)
+    assert_same_work_dirs(str(tmp_path / "w_stream"), str(tmp_path / "w_full"))
