@@ -30,12 +30,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from lite.archs import Arch, arch_for, quantized_linears
+from lite.archs import arch_for, quantized_linears
 from lite.calibrate import attach_observers, capture_block_inputs
 from lite.data import calibration_tokens
 from lite.errors import LiteError
 from lite.export import (parse_size, quantization_config, quantize_block_, staged_folder, write_model_files)
-from lite.model import config_hash, decoder_blocks, resolve_dtype
+from lite.model import LoadedModel, config_hash, decoder_blocks, resolve_dtype
 from lite.observers import ActSettings
 from lite.qmodules import QLinear, QRMSNorm
 from lite.quant import CHUNK_ELEMENTS, QUANT_DTYPES, quant_dtype_of, row_chunks
@@ -53,25 +53,13 @@ def is_streamable(source: str) -> bool:
 
 
 @dataclass
-class StreamedModel:
+class StreamedModel(LoadedModel):
     """A model whose weights stay in its shards: `model` holds meta parameters and real buffers."""
 
-    model: nn.Module
-    tokenizer: object
-    source: str
-    folder: str
-    reader: ShardReader
-    dtype: torch.dtype
+    reader: ShardReader = None
+    dtype: torch.dtype = None
     opened_at: float = 0.0  # perf_counter() when opening began, so that timings include it
     identity_s: float = 0.0  # seconds spent on `identity`
-
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def arch(self) -> Arch:
-        return arch_for(self.model.config)
 
 
 def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, parameter: bool) -> None:
