@@ -1,6 +1,7 @@
 """The `lite` command: wires the stage functions of `lite.pipeline` to `fire`.
 
-The docstrings below are the `--help` text.
+The docstrings below are the `--help` text. `--recipe FILE` is expanded into flags by `main` before
+fire calls a command (lite/recipes.py); the `recipe` parameters exist so that `--help` lists it.
 """
 
 import sys
@@ -11,9 +12,10 @@ from lite import pipeline
 from lite.errors import LiteError
 from lite.observers import ActSettings
 from lite.pipeline import CalibSettings, SmoothSettings
+from lite.recipes import expand_recipe
 
 
-def calibrate(model, work_dir=None, calib_dataset="wikitext2", calib_samples=128, calib_seqlen=2048,
+def calibrate(model, work_dir=None, recipe=None, calib_dataset="wikitext2", calib_samples=128, calib_seqlen=2048,
               batch_size=4, seed=0, device=None, dtype="auto", trust_remote_code=False):
     """Collect per-channel activation statistics, one decoder block at a time (for a local safetensors
     folder, each block's weights are read from the shards when its turn comes, never the whole model).
@@ -26,6 +28,8 @@ def calibrate(model, work_dir=None, calib_dataset="wikitext2", calib_samples=128
         model: a local Hugging Face model folder, a hub id (org/name), or tiny:<model_type> for a small
             random model lite builds itself (tiny:llama, tiny:qwen2, ...).
         work_dir: folder for the artifacts; created if missing. Must not hold another model's files.
+        recipe: a YAML file of flag values for the whole job (see configs/, e.g. configs/w8a8-int8.yaml);
+            flags given on the command line win over it.
         calib_dataset: wikitext2, c4, pileval, ptb (downloaded with `datasets`), sample (text shipped
             with lite), or a local .txt, .jsonl (a "text" field per line) or .parquet (a "text" column) file.
         calib_samples: number of calibration sequences.
@@ -40,7 +44,7 @@ def calibrate(model, work_dir=None, calib_dataset="wikitext2", calib_samples=128
     pipeline.calibrate(model, work_dir, calib, batch_size, device, dtype, trust_remote_code)
 
 
-def smooth(model, work_dir=None, alpha=0.3, w_stat="lmdeploy", calib_dataset="wikitext2", calib_samples=128,
+def smooth(model, work_dir=None, recipe=None, alpha=0.3, w_stat="lmdeploy", calib_dataset="wikitext2", calib_samples=128,
            calib_seqlen=2048, batch_size=4, seed=0, device=None, dtype="auto", trust_remote_code=False):
     """Compute SmoothQuant migration scales s = max|X|^alpha / w^(1-alpha) for every smoothing pair.
 
@@ -53,6 +57,8 @@ def smooth(model, work_dir=None, alpha=0.3, w_stat="lmdeploy", calib_dataset="wi
     Args:
         model: a local model folder, a hub id, or tiny:<model_type>.
         work_dir: folder of the artifacts.
+        recipe: a YAML file of flag values for the whole job (see configs/, e.g. configs/w8a8-int8.yaml);
+            flags given on the command line win over it.
         alpha: migration strength in [0, 1]: the larger, the more of the activations' outlier range
             moves into the weights. Default 0.3, chosen by measurement (README, "Choosing the defaults").
         w_stat: weight statistic w: lmdeploy (mean over rows of |W| / row max, then s normalized by
@@ -71,7 +77,7 @@ def smooth(model, work_dir=None, alpha=0.3, w_stat="lmdeploy", calib_dataset="wi
                     trust_remote_code)
 
 
-def export(model, work_dir=None, quant_dtype="int8", export_migration_scale=False, max_shard_size="5GB",
+def export(model, work_dir=None, recipe=None, quant_dtype="int8", export_migration_scale=False, max_shard_size="5GB",
            out_dir=None, dtype="auto", trust_remote_code=False, format="lmdeploy", act_scheme="dynamic",
            act_observer="minmax", act_percentile=99.99, no_smooth=False, batch_size=4, device=None):
     """Quantize to W8A8 and write an lmdeploy smooth_quant or a compressed-tensors checkpoint.
@@ -89,6 +95,8 @@ def export(model, work_dir=None, quant_dtype="int8", export_migration_scale=Fals
     Args:
         model: a local model folder, a hub id, or tiny:<model_type>.
         work_dir: folder of the artifacts.
+        recipe: a YAML file of flag values for the whole job (see configs/, e.g. configs/w8a8-int8.yaml);
+            flags given on the command line win over it.
         quant_dtype: int8 or fp8 (float8 e4m3).
         export_migration_scale: leave norms and producers untouched and store the SmoothQuant factor on
             every QLinear as migration_scale (ones where not smoothed), for engines that cannot fold it.
@@ -115,7 +123,7 @@ def export(model, work_dir=None, quant_dtype="int8", export_migration_scale=Fals
                     bool(no_smooth), batch_size, device)
 
 
-def smooth_quant(model, work_dir=None, quant_dtype="int8", export_migration_scale=False, alpha=0.3,
+def smooth_quant(model, work_dir=None, recipe=None, quant_dtype="int8", export_migration_scale=False, alpha=0.3,
                  w_stat="lmdeploy", calib_dataset="wikitext2", calib_samples=128, calib_seqlen=2048,
                  batch_size="auto", seed=0, max_shard_size="5GB", out_dir=None, device=None, dtype="auto",
                  trust_remote_code=False, format="lmdeploy", act_scheme="dynamic", act_observer="minmax",
@@ -132,6 +140,8 @@ def smooth_quant(model, work_dir=None, quant_dtype="int8", export_migration_scal
     Args:
         model: a local model folder, a hub id, or tiny:<model_type>.
         work_dir: folder of the artifacts and (by default) of the checkpoint, WORK_DIR/quantized.
+        recipe: a YAML file of flag values for the whole job (see configs/, e.g. configs/w8a8-int8.yaml);
+            flags given on the command line win over it.
         quant_dtype: int8 or fp8.
         export_migration_scale: store the factors on the QLinears instead of folding them (see `lite export --help`).
         alpha: migration strength in [0, 1].
@@ -185,6 +195,7 @@ COMMANDS = {"calibrate": calibrate, "smooth": smooth, "export": export, "smooth_
 
 def main(argv=None):
     try:
+        argv = expand_recipe(list(sys.argv[1:] if argv is None else argv), COMMANDS)
         fire.Fire(COMMANDS, command=argv, name="lite")
     except LiteError as e:
         print(f"lite: error: {e}", file=sys.stderr)
