@@ -6,6 +6,8 @@ the device, run over every cached batch with observers on its linears and norms,
 Only one block's weights and the cached hidden states are on the device at any time.
 """
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
@@ -122,6 +124,25 @@ def attach_observers(block: nn.Module, prefix: str, arch: Arch):
     return observed_in, observed_out, handles
 
 
+@contextmanager
+def removing(handles):
+    """Remove hook handles when the block is done, also when it raised."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def store_statistics(observed_in: dict, observed_out: dict, inputs: dict, outputs: dict) -> None:
+    """Move observed statistics into `{stat: {fqn: tensor}}` tables, refusing NaN/Inf by name."""
+    for observed, table in ((observed_in, inputs), (observed_out, outputs)):
+        for fqn, stats in observed.items():
+            for stat, value in stats.result().items():
+                check_finite(fqn, value, f"calibration statistic {stat!r}")
+                table.setdefault(stat, {})[fqn] = value
+
+
 @torch.no_grad()
 def collect_statistics(model: nn.Module, arch: Arch, tokens: torch.Tensor, batch_size: int, device,
                        progress: bool = True):
@@ -142,16 +163,11 @@ def collect_statistics(model: nn.Module, arch: Arch, tokens: torch.Tensor, batch
             block.to(device)
             observed_in, observed_out, handles = attach_observers(block, prefix, arch)
             try:
-                hidden = run_block(block, hidden, kwargs)
+                with removing(handles):
+                    hidden = run_block(block, hidden, kwargs)
             finally:
-                for handle in handles:
-                    handle.remove()
                 block.to("cpu")
-            for observed, table in ((observed_in, inputs), (observed_out, outputs)):
-                for fqn, stats in observed.items():
-                    for stat, value in stats.result().items():
-                        check_finite(fqn, value, f"calibration statistic {stat!r}")
-                        table[stat][fqn] = value
+            store_statistics(observed_in, observed_out, inputs, outputs)
     finally:
         move_outside_blocks_(model, arch, "cpu")
     return inputs, outputs

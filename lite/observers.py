@@ -26,7 +26,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from lite.archs import Arch, quantized_linears
-from lite.calibrate import capture_block_inputs, run_block
+from lite.calibrate import capture_block_inputs, removing, run_block
 from lite.errors import LiteError
 from lite.model import decoder_blocks, move_outside_blocks_
 from lite.quant import QMAX, dequantize, quantize, symmetric_scale
@@ -187,10 +187,9 @@ def static_input_scales(model: nn.Module, arch: Arch, tokens: torch.Tensor, batc
                 handles.append(block.get_submodule(group[0]).register_forward_pre_hook(
                     lambda module, args, observer=observer: observer.update(args[0])))
             try:
-                hidden = run_block(block, hidden, kwargs)
+                with removing(handles):
+                    hidden = run_block(block, hidden, kwargs)
             finally:
-                for handle in handles:
-                    handle.remove()
                 block.to("cpu")
             for group, observer in observed:
                 r = observer.range().float().cpu()

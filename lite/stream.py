@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from lite.archs import arch_for, quantized_linears
-from lite.calibrate import attach_observers, capture_block_inputs
+from lite.calibrate import attach_observers, capture_block_inputs, removing, store_statistics
 from lite.data import calibration_tokens
 from lite.errors import LiteError
 from lite.export import (parse_size, quantization_config, quantize_block_, staged_folder, write_model_files)
@@ -383,7 +383,7 @@ def walk_blocks(sm: StreamedModel, timer: _Timer, tokens: torch.Tensor | None = 
                     check_finite(f"{prefix}.{name}", p, "weight")
             if tokens is not None:
                 observed_in, observed_out, handles = attach_observers(block, prefix, arch)
-                try:
+                with removing(handles):
                     for j, (h, kw) in enumerate(zip(hidden, kwargs)):
                         out = block(h.to(device, non_blocking=True), **kw)
                         out = out[0] if isinstance(out, tuple) else out
@@ -391,15 +391,8 @@ def walk_blocks(sm: StreamedModel, timer: _Timer, tokens: torch.Tensor | None = 
                             hidden[j] = out
                         else:
                             h.copy_(out)
-                finally:
-                    for handle in handles:
-                        handle.remove()
                 timer.lap("forward")
-                for observed, table in ((observed_in, inputs_stats), (observed_out, outputs_stats)):
-                    for fqn, stats in observed.items():
-                        for stat, value in stats.result().items():
-                            check_finite(fqn, value, f"calibration statistic {stat!r}")
-                            table.setdefault(stat, {})[fqn] = value
+                store_statistics(observed_in, observed_out, inputs_stats, outputs_stats)
             block_scales = {}
             if smoothing is not None:
                 if act_absmax is None:

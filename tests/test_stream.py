@@ -117,20 +117,22 @@ def test_row_chunked_folding_and_quantization_are_exact(monkeypatch):
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 96, bias=True).to(torch.bfloat16)
     s = torch.rand(64) + 0.5
-    whole = [torch.nn.Linear(64, 96, bias=True).to(torch.bfloat16) for _ in range(2)]
-    for w in whole:
-        w.load_state_dict(linear.state_dict())
-    smooth.scale_columns_(whole[0], s)
-    smooth.divide_rows_(whole[1], s[:48].repeat(2)[:40], slice(10, 50))
+
+    def folded_copies():
+        """Two copies of `linear`: one with columns scaled, one with rows 10..49 divided."""
+        copies = [torch.nn.Linear(64, 96, bias=True).to(torch.bfloat16) for _ in range(2)]
+        for w in copies:
+            w.load_state_dict(linear.state_dict())
+        smooth.scale_columns_(copies[0], s)
+        smooth.divide_rows_(copies[1], s[:48].repeat(2)[:40], slice(10, 50))
+        return copies
+
+    whole = folded_copies()
     q_whole = QLinear.from_linear(linear, torch.int8, s)
     stat_whole = smooth.weight_statistic([linear.weight, whole[0].weight], "lmdeploy")
     monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 64 * 7)  # 7 rows per chunk
     monkeypatch.setattr(smooth, "CHUNK_ELEMENTS", 64 * 7)
-    chunked = [torch.nn.Linear(64, 96, bias=True).to(torch.bfloat16) for _ in range(2)]
-    for w in chunked:
-        w.load_state_dict(linear.state_dict())
-    smooth.scale_columns_(chunked[0], s)
-    smooth.divide_rows_(chunked[1], s[:48].repeat(2)[:40], slice(10, 50))
+    chunked = folded_copies()
     q_chunked = QLinear.from_linear(linear, torch.int8, s)
     for a, b in zip(whole, chunked):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
