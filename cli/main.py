@@ -44,8 +44,9 @@ def calibrate(model, work_dir=None, recipe=None, calib_dataset="wikitext2", cali
     pipeline.calibrate(model, work_dir, calib, batch_size, device, dtype, trust_remote_code)
 
 
-def smooth(model, work_dir=None, recipe=None, alpha=0.3, w_stat="lmdeploy", calib_dataset="wikitext2", calib_samples=128,
-           calib_seqlen=2048, batch_size=4, seed=0, device=None, dtype="auto", trust_remote_code=False):
+def smooth(model, work_dir=None, recipe=None, alpha=0.3, w_stat="lmdeploy", quant_dtype="int8", calib_dataset="wikitext2",
+           calib_samples=128, calib_seqlen=2048, batch_size=4, seed=0, device=None, dtype="auto",
+           trust_remote_code=False):
     """Compute SmoothQuant migration scales s = max|X|^alpha / w^(1-alpha) for every smoothing pair.
 
     Reads WORK_DIR/inputs_stats.pth (calibrating first when it is missing or was made with other
@@ -61,8 +62,13 @@ def smooth(model, work_dir=None, recipe=None, alpha=0.3, w_stat="lmdeploy", cali
             flags given on the command line win over it.
         alpha: migration strength in [0, 1]: the larger, the more of the activations' outlier range
             moves into the weights. Default 0.3, chosen by measurement (README, "Choosing the defaults").
+            auto: choose it per decoder block, from 0, 0.05, ..., 1, by the next-token loss of the
+            quantized model (--quant-dtype) on the calibration windows; slower, and loads the whole
+            model (README, "--alpha auto"). Recommended for fp8.
         w_stat: weight statistic w: lmdeploy (mean over rows of |W| / row max, then s normalized by
             sqrt(max(s)·min(s)); the default, best on our measurements) or absmax (the paper's column max).
+        quant_dtype: int8 or fp8: what --alpha auto quantizes its candidates to (use the dtype you will
+            export); fixed alphas do not depend on it.
         calib_dataset: see `lite calibrate --help`; used only when statistics must be (re)made.
         calib_samples: see `lite calibrate --help`.
         calib_seqlen: see `lite calibrate --help`.
@@ -73,7 +79,7 @@ def smooth(model, work_dir=None, recipe=None, alpha=0.3, w_stat="lmdeploy", cali
         trust_remote_code: allow model code from the hub.
     """
     calib = CalibSettings(calib_dataset, calib_samples, calib_seqlen, seed)
-    pipeline.smooth(model, work_dir, calib, SmoothSettings(float(alpha), w_stat), batch_size, device, dtype,
+    pipeline.smooth(model, work_dir, calib, SmoothSettings(alpha, w_stat, quant_dtype), batch_size, device, dtype,
                     trust_remote_code)
 
 
@@ -144,7 +150,8 @@ def smooth_quant(model, work_dir=None, recipe=None, quant_dtype="int8", export_m
             flags given on the command line win over it.
         quant_dtype: int8 or fp8.
         export_migration_scale: store the factors on the QLinears instead of folding them (see `lite export --help`).
-        alpha: migration strength in [0, 1].
+        alpha: migration strength in [0, 1], or auto: chosen per decoder block by the loss of the model
+            quantized to --quant-dtype on the calibration windows (see `lite smooth --help`).
         w_stat: lmdeploy (default) or absmax.
         calib_dataset: wikitext2, c4, pileval, ptb, sample, or a .txt/.jsonl/.parquet file.
         calib_samples: number of calibration sequences.
@@ -167,7 +174,7 @@ def smooth_quant(model, work_dir=None, recipe=None, quant_dtype="int8", export_m
             the same: at alpha 0, s = 1 / w still rescales every channel by its weight statistic.
     """
     calib = CalibSettings(calib_dataset, calib_samples, calib_seqlen, seed)
-    pipeline.smooth_quant(model, work_dir, calib, SmoothSettings(float(alpha), w_stat), quant_dtype,
+    pipeline.smooth_quant(model, work_dir, calib, SmoothSettings(alpha, w_stat, quant_dtype), quant_dtype,
                           export_migration_scale, max_shard_size, out_dir, batch_size, device, dtype,
                           trust_remote_code, format, ActSettings(act_scheme, act_observer, float(act_percentile)),
                           bool(no_smooth), max_gpu_memory)

@@ -43,14 +43,34 @@ class CalibSettings:
 
 @dataclass(frozen=True)
 class SmoothSettings:
-    alpha: float = 0.3  # chosen by measurement: README.md, "Choosing the defaults"
+    alpha: float | str = 0.3  # chosen by measurement: README.md, "Choosing the defaults"; or "auto"
     w_stat: str = "lmdeploy"
+    # What `--alpha auto` quantizes its candidates to; fixed alphas do not depend on it.
+    quant_dtype: str = "int8"
 
     def __post_init__(self):
-        if not 0.0 <= float(self.alpha) <= 1.0:
-            raise LiteError(f"--alpha must lie in [0, 1], got {self.alpha}")
+        if self.alpha != "auto":
+            try:
+                alpha = float(self.alpha)
+            except (TypeError, ValueError):
+                alpha = None
+            if alpha is None or not 0.0 <= alpha <= 1.0:
+                raise LiteError(f"--alpha must be auto or lie in [0, 1], got {self.alpha!r}")
+            object.__setattr__(self, "alpha", alpha)
         if self.w_stat not in W_STATS:
             raise LiteError(f"--w-stat {self.w_stat!r} is not one of: {', '.join(W_STATS)}")
+        check_quant_dtype(self.quant_dtype)
+
+    @property
+    def auto(self) -> bool:
+        return self.alpha == "auto"
+
+    def record(self) -> dict:
+        """The settings migration scales depend on, as the manifest records them."""
+        settings = asdict(self)
+        if not self.auto:
+            del settings["quant_dtype"]
+        return settings
 
 
 def default_device() -> str:
@@ -189,14 +209,25 @@ def ensure_statistics(loaded, work, calib, batch_size, device, dtype) -> dict:
 
 def run_smooth(loaded, work, calib, smoothing, batch_size, device, dtype) -> dict:
     stats = ensure_statistics(loaded, work, calib, batch_size, device, dtype)
+    settings = {**asdict(calib), "dtype": dtype, **smoothing.record()}
+    if smoothing.auto:
+        from lite.search import search_alphas
+
+        tokens = calibration_tokens(loaded.tokenizer, calib.calib_dataset, calib.calib_samples,
+                                    calib.calib_seqlen, calib.seed, loaded.config.vocab_size)
+        scales, chosen = search_alphas(loaded.model, loaded.arch, stats["absmax"], smoothing.w_stat,
+                                       smoothing.quant_dtype, tokens, batch_size, device)
+        print("alpha per block: " + ", ".join(f"{prefix.rpartition('.')[2]}: {a}" for prefix, a in chosen.items()))
+        work.save("migration_scales", {**settings, "chosen_alphas": chosen}, {SCALES: scales})
+        return scales
     blocks = decoder_blocks(loaded.model, loaded.arch)
-    scales = migration_scales(blocks, loaded.arch, loaded.config, stats["absmax"], float(smoothing.alpha), smoothing.w_stat)
-    work.save("migration_scales", {**asdict(calib), "dtype": dtype, **asdict(smoothing)}, {SCALES: scales})
+    scales = migration_scales(blocks, loaded.arch, loaded.config, stats["absmax"], smoothing.alpha, smoothing.w_stat)
+    work.save("migration_scales", settings, {SCALES: scales})
     return scales
 
 
 def ensure_scales(loaded, work, calib, smoothing, batch_size, device, dtype) -> dict:
-    settings = {**asdict(calib), "dtype": dtype, **asdict(smoothing)}
+    settings = {**asdict(calib), "dtype": dtype, **smoothing.record()}
     if work.matches("migration_scales", settings, (SCALES,)):
         scales = _load_tensors(work.file(SCALES))
         validate_scales(scales, loaded, work.file(SCALES))
@@ -291,7 +322,8 @@ def smooth(model, work_dir, calib: CalibSettings, smoothing: SmoothSettings, bat
     from lite import stream
 
     device = device or default_device()
-    streamed = open_streamed(model, work_dir, dtype, trust_remote_code)
+    # The alpha search runs the whole model; fixed alphas read one block's weights at a time.
+    streamed = None if smoothing.auto else open_streamed(model, work_dir, dtype, trust_remote_code)
     if streamed is not None:
         sm, work = streamed
         stream.stream_smooth(sm, work, calib, smoothing, batch_size, device, dtype)
@@ -343,7 +375,7 @@ def smooth_quant(model, work_dir, calib: CalibSettings, smoothing: SmoothSetting
     check_quant_dtype(quant_dtype)  # before calibrating, not after
     check_export_options(fmt, act, export_migration_scale)
     device = device or default_device()
-    if fmt == "lmdeploy" and not act.static and not no_smooth:
+    if fmt == "lmdeploy" and not act.static and not no_smooth and not smoothing.auto:
         # A local safetensors folder and nothing to reuse in the work dir: one streamed pass over the blocks.
         from lite import stream
 

@@ -463,7 +463,7 @@ def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="
         # Artifacts first, then the folder appears: a finished output folder always has its statistics.
         settings = {**asdict(calib), "dtype": dtype}
         work.save("statistics", settings, {INPUTS_STATS: inputs_stats, OUTPUTS_STATS: outputs_stats})
-        work.save("migration_scales", {**settings, **asdict(smoothing)}, {SCALES: scales})
+        work.save("migration_scales", {**settings, **smoothing.record()}, {SCALES: scales})
     work.record("export", {"out_dir": out_dir, "quant_dtype": quant_dtype, "format": "lmdeploy",
                            "export_migration_scale": export_migration_scale, "smoothed": True, "streamed": True})
     _print_timings(sm, timer, summary)
@@ -507,7 +507,7 @@ def stream_smooth(sm: StreamedModel, work, calib, smoothing, batch_size="auto", 
         inputs_stats, outputs_stats, scales, summary = walk_blocks(
             sm, timer, tokens, smoothing, batch_size=batch_size, device=device, max_gpu_memory=max_gpu_memory)
         work.save("statistics", settings, {INPUTS_STATS: inputs_stats, OUTPUTS_STATS: outputs_stats})
-    work.save("migration_scales", {**settings, **asdict(smoothing)}, {SCALES: scales})
+    work.save("migration_scales", {**settings, **smoothing.record()}, {SCALES: scales})
     _print_timings(sm, timer, summary)
     return scales
 

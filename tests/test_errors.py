@@ -204,6 +204,7 @@ def test_out_dir_not_written_by_lite_is_not_overwritten(tmp_path, capsys):
     ("--quant-dtype", "int4", ["int8", "fp8"]),
     ("--w-stat", "median", ["lmdeploy", "absmax"]),
     ("--alpha", "1.5", ["[0, 1]"]),
+    ("--alpha", "best", ["auto", "[0, 1]"]),
     ("--calib-dataset", "no-such-dataset", ["wikitext2", "sample"]),
     ("--dtype", "float64", ["float32", "bfloat16"]),
 ])
