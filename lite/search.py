@@ -29,6 +29,7 @@ from lite.quant import quant_dtype_of
 from lite.smooth import fold_scales_, migration_scales
 
 ALPHA_GRID = tuple(i / 20 for i in range(21))  # 0.00, 0.05, ..., 1.00
+LOSS_CHUNK = 2048  # positions whose logits are computed at once (1 GB in fp32 for a 128K vocabulary)
 
 
 def quantized_block(block: nn.Module, prefix: str, arch: Arch, config, scales: dict[str, torch.Tensor],
@@ -50,9 +51,13 @@ def next_token_loss(model: nn.Module, arch: Arch, blocks: list[nn.Module], hidde
         hidden = run_block(block, hidden, kwargs)
     total = 0.0
     for h, ids in zip(hidden, batches):
-        logits = head(norm(h[:, :-1])).float()  # (batch, seqlen - 1, vocab)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(logits.device),
-                                 reduction="sum").item()
+        h = norm(h[:, :-1]).reshape(-1, h.shape[-1])  # (tokens, hidden): every position but the last
+        targets = ids[:, 1:].reshape(-1).to(h.device)
+        # LOSS_CHUNK positions at a time: with a 128K vocabulary, 1024 positions are 0.5 GB of fp32 logits.
+        for start in range(0, h.shape[0], LOSS_CHUNK):
+            rows = slice(start, start + LOSS_CHUNK)
+            logits = head(h[rows]).float()  # (chunk, vocab)
+            total += F.cross_entropy(logits, targets[rows], reduction="sum").item()
     return total
 
 

@@ -8,8 +8,8 @@ a rounding boundary, which changes it by one whole quantization step, and the ti
 (residual stream ~0.02, so each RMSNorm multiplies differences by ~50) carry such a flip to the
 logits. So the yardstick is lite's own quantization error e = |lite - float|, not fp32 epsilon:
 
-- Same grid (int8 static: the stored `input_scale`; fp8 dynamic: `absmax / 448` per token on both
-  sides): flips are rare, so mean |lite - transformers| <= 0.2 · mean e and max <= 0.5 · max e
+- Same grid (int8 and fp8 static: the stored `input_scale`; fp8 dynamic: `absmax / 448` per token on
+  both sides): flips are rare, so mean |lite - transformers| <= 0.2 · mean e and max <= 0.5 · max e
   (measured over five token seeds: at most 0.08 and 0.33). A real format error (activations left
   unquantized, a wrong scale, smoothing not folded) disagrees by the order of e itself.
 - int8 dynamic: transformers' emulation takes per-token scales `absmax / 127.5`, lite and vLLM's
@@ -35,7 +35,8 @@ from lite.observers import ActSettings
 from lite.qmodules import QLinear, QRMSNorm
 from lite.smooth import migration_scales
 
-SCHEMES = {"int8-dynamic": ("int8", "dynamic"), "int8-static": ("int8", "static"), "fp8-dynamic": ("fp8", "dynamic")}
+SCHEMES = {"int8-dynamic": ("int8", "dynamic"), "int8-static": ("int8", "static"), "fp8-dynamic": ("fp8", "dynamic"),
+           "fp8-static": ("fp8", "static")}
 
 
 def quantized_tiny(quant_dtype: str, act_scheme: str, tokens: torch.Tensor):
@@ -51,7 +52,7 @@ def quantized_tiny(quant_dtype: str, act_scheme: str, tokens: torch.Tensor):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """`{scheme: (folder, in-memory quantized model, float model)}` for the three schemes."""
+    """`{scheme: (folder, in-memory quantized model, float model)}` for every scheme of `SCHEMES`."""
     tokens = random_tokens()
     out = {}
     for name, (quant_dtype, act_scheme) in SCHEMES.items():
@@ -74,7 +75,7 @@ def disagreement(ours: torch.Tensor, theirs: torch.Tensor, float_logits: torch.T
     return (d.mean() / e.mean()).item(), (d.max() / e.max()).item()
 
 
-@pytest.mark.parametrize("scheme", ["int8-static", "fp8-dynamic"])
+@pytest.mark.parametrize("scheme", ["int8-static", "fp8-dynamic", "fp8-static"])
 def test_transformers_agrees_with_lite_reader_on_the_same_grid(folders, scheme):
     pytest.importorskip("compressed_tensors")
     folder, _, float_model = folders[scheme]

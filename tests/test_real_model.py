@@ -68,3 +68,30 @@ def test_round_to_nearest_w8a8_is_also_close(perplexities):
     (+0.18% on the full text); an export that computed the wrong thing would be far off."""
     assert perplexities["rtn"] <= perplexities["fp32"] * 1.01, perplexities
     assert perplexities["rtn"] != perplexities["folded"]
+
+
+@pytest.fixture(scope="module")
+def fp8_perplexities(tmp_path_factory) -> dict[str, float]:
+    """Perplexity of fp32 and of fp8 W8A8 (compressed-tensors) at the default alpha and with --alpha auto."""
+    from lite.compressed_tensors import load_compressed_tensors
+
+    root = tmp_path_factory.mktemp("real-fp8")
+    train = str(Path(TEXT_DIR, "tinystories-train.txt"))
+    fp8 = ["--format", "compressed-tensors", "--quant-dtype", "fp8", "--calib-dataset", train, *CALIB]
+    main(["smooth_quant", MODEL, "--work-dir", str(root / "work"), *fp8, "--out-dir", str(root / "fixed")])
+    main(["smooth_quant", MODEL, "--work-dir", str(root / "work"), *fp8, "--alpha", "auto", "--out-dir", str(root / "auto")])
+
+    loaded = load_model(MODEL)
+    text = Path(TEXT_DIR, "tinystories-valid.txt").read_text(encoding="utf-8")
+    windows, _ = eval_windows(loaded.tokenizer, text, seqlen=512, samples=EVAL_WINDOWS)
+    models = {"fp32": loaded.model, **{name: load_compressed_tensors(str(root / name)) for name in ("fixed", "auto")}}
+    result = {name: perplexity(model, windows, batch_size=20, progress=False) for name, model in models.items()}
+    print(f"fp8 perplexity on {EVAL_WINDOWS} windows of tinystories-valid: {result}")
+    return result
+
+
+def test_fp8_with_alpha_auto_stays_within_the_fp8_target_and_beats_a_fixed_alpha(fp8_perplexities):
+    """Issue 3's fp8 target is +0.6 % on the whole text (measured +0.16 % with auto, +1.22 % at 0.3)."""
+    p = fp8_perplexities
+    assert p["auto"] <= p["fp32"] * 1.006, p
+    assert p["auto"] < p["fixed"], p
