@@ -9,8 +9,10 @@ already chosen (quantized), this candidate, the remaining blocks in float and th
 whose next-token loss on the calibration windows is lowest is kept, and the next block sees the
 quantized block's outputs.
 
-Cost: for a model of L blocks, `len(ALPHA_GRID)` × L(L + 1)/2 block passes over the calibration
-windows, against L for calibration alone, and the whole model sits on the device during the search.
+Cost: for a model of L blocks, `len(ALPHA_GRID)` · L candidate blocks (each smoothed, quantized, run,
+and followed by the LM head) and `len(ALPHA_GRID)` · L(L - 1)/2 float block passes, against L block
+passes for calibration alone; the whole model sits on the device during the search. Measured in
+docs/benchmarks.md (8B-shaped blocks on an H200: about 0.9 s per fp8 candidate at 32 × 2048 tokens).
 Use fewer `--calib-samples` on large models.
 """
 
@@ -29,7 +31,7 @@ from lite.quant import quant_dtype_of
 from lite.smooth import fold_scales_, migration_scales
 
 ALPHA_GRID = tuple(i / 20 for i in range(21))  # 0.00, 0.05, ..., 1.00
-LOSS_CHUNK = 2048  # positions whose logits are computed at once (1 GB in fp32 for a 128K vocabulary)
+LOSS_CHUNK = 2048  # positions whose logits are computed at once: 1 GB of fp32 for a 128K vocabulary
 
 
 def quantized_block(block: nn.Module, prefix: str, arch: Arch, config, scales: dict[str, torch.Tensor],
@@ -53,7 +55,6 @@ def next_token_loss(model: nn.Module, arch: Arch, blocks: list[nn.Module], hidde
     for h, ids in zip(hidden, batches):
         h = norm(h[:, :-1]).reshape(-1, h.shape[-1])  # (tokens, hidden): every position but the last
         targets = ids[:, 1:].reshape(-1).to(h.device)
-        # LOSS_CHUNK positions at a time: with a 128K vocabulary, 1024 positions are 0.5 GB of fp32 logits.
         for start in range(0, h.shape[0], LOSS_CHUNK):
             rows = slice(start, start + LOSS_CHUNK)
             logits = head(h[rows]).float()  # (chunk, vocab)
