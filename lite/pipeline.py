@@ -359,6 +359,10 @@ def export(model, work_dir, quant_dtype="int8", export_migration_scale=False, ma
     if os.path.isfile(work.file(SCALES)) and not no_smooth:
         scales = _load_tensors(work.file(SCALES))
         validate_scales(scales, loaded, work.file(SCALES))
+        searched_for = (work.settings_of("migration_scales") or {}).get("quant_dtype")
+        if searched_for not in (None, quant_dtype):
+            print(f"note: {SCALES} was searched (--alpha auto) for {searched_for}, not {quant_dtype}; "
+                  f"run `lite smooth --alpha auto --quant-dtype {quant_dtype}` first for the best {quant_dtype} result")
     elif export_migration_scale:
         print(f"no {SCALES} in {work.path} (or --no-smooth): every migration_scale will be ones")
     if streamed is not None:

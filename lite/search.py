@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from lite.archs import Arch, quantized_linears
 from lite.calibrate import capture_block_inputs, run_block
+from lite.errors import LiteError
 from lite.model import decoder_blocks
 from lite.qmodules import QLinear
 from lite.quant import quant_dtype_of
@@ -95,6 +96,9 @@ def search_alphas(model: nn.Module, arch: Arch, act_absmax: dict[str, torch.Tens
             scales.update({fqn: factor.cpu() for fqn, factor in s.items()})
             bar.set_postfix_str(f"{prefix}: alpha {chosen[prefix]}")
         bar.close()
+    except torch.OutOfMemoryError as e:
+        raise LiteError(f"--alpha auto holds the whole model and the calibration activations on {device}, which ran "
+                        "out of memory; use fewer --calib-samples, --device cpu, or a fixed --alpha") from e
     finally:
         model.to("cpu")
     return scales, chosen

@@ -75,7 +75,7 @@ def test_each_block_gets_the_alpha_with_the_lowest_quantized_loss(model_type, w_
 CALIB = ["--calib-dataset", "sample", "--calib-samples", "4", "--calib-seqlen", "32", "--device", "cpu"]
 
 
-def test_cli_alpha_auto_records_choices_and_researches_only_for_another_dtype(tmp_path, capsys):
+def test_cli_alpha_auto_records_choices_and_searches_again_only_for_another_dtype(tmp_path, capsys):
     work = tmp_path / "w"
     main(["smooth", "tiny:llama", "--work-dir", str(work), "--alpha", "auto", "--quant-dtype", "fp8", *CALIB])
     assert "alpha per block" in capsys.readouterr().out
@@ -83,6 +83,10 @@ def test_cli_alpha_auto_records_choices_and_researches_only_for_another_dtype(tm
     assert recorded["alpha"] == "auto" and recorded["quant_dtype"] == "fp8"
     assert set(recorded["chosen_alphas"]) == {"model.layers.0", "model.layers.1"}
     assert all(a in [i / 20 for i in range(21)] for a in recorded["chosen_alphas"].values())
+
+    # Exporting another dtype with these scales works but says they were searched for fp8.
+    main(["export", "tiny:llama", "--work-dir", str(work), "--out-dir", str(tmp_path / "int8-from-fp8")])
+    assert "searched (--alpha auto) for fp8, not int8" in capsys.readouterr().out
 
     # smooth_quant with the same settings reuses the scales; another dtype searches again.
     main(["smooth_quant", "tiny:llama", "--work-dir", str(work), "--alpha", "auto", "--quant-dtype", "fp8",
