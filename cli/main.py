@@ -62,7 +62,7 @@ def smooth(model, work_dir=None, recipe=None, alpha=0.3, w_stat="lmdeploy", quan
             flags given on the command line win over it.
         alpha: migration strength in [0, 1]: the larger, the more of the activations' outlier range
             moves into the weights. Default 0.3, chosen by measurement (README, "Choosing the defaults").
-            auto: choose it per decoder block, from 0, 0.05, ..., 1, by the next-token loss of the
+            Or auto, to choose it per decoder block, from 0, 0.05, ..., 1, by the next-token loss of the
             quantized model (--quant-dtype) on the calibration windows; slower, and loads the whole
             model (README, "--alpha auto"). Recommended for fp8.
         w_stat: weight statistic w: lmdeploy (mean over rows of |W| / row max, then s normalized by
