@@ -5,7 +5,8 @@
 
 MODEL `random` builds a random bf16 Llama of the shape given by --hidden, --intermediate, --layers,
 --heads, --kv-heads and --vocab (Llama-3-8B's by default, 4 layers) fed random token ids: the search
-costs the same whatever the weights, and 21 · L(L + 1)/2 block passes scale it to L layers.
+costs the same whatever the weights. For L layers it runs 21 · L candidate blocks and
+21 · L(L - 1)/2 float block passes, which is how two depths extrapolate to a whole model.
 """
 
 import argparse

@@ -34,14 +34,12 @@ def scales_at(model, absmax, alphas: dict[str, float], w_stat: str) -> dict:
 
 def quantized_loss(model_type, tokens, absmax, alphas, w_stat, quant_dtype) -> float:
     """NLL of the model with the blocks in `alphas` smoothed and quantized and the others left float."""
-    model = build_tiny(model_type)
-    prefixes = list(alphas)
-    scales = scales_at(model, absmax, alphas, w_stat)
-    compressed_tensors.quantize_model_(model, quant_dtype, scales, ActSettings(), progress=False)
-    for prefix, block in blocks_of(build_tiny(model_type)).items():  # un-quantize the blocks not yet chosen
-        if prefix not in prefixes:
-            index = int(prefix.rpartition(".")[2])
-            model.model.layers[index] = block
+    model, float_model = build_tiny(model_type), build_tiny(model_type)
+    compressed_tensors.quantize_model_(model, quant_dtype, scales_at(model, absmax, alphas, w_stat), ActSettings(),
+                                       progress=False)
+    for index, prefix in enumerate(blocks_of(float_model)):  # put back the blocks not yet chosen, in float
+        if prefix not in alphas:
+            model.model.layers[index] = float_model.model.layers[index]
     return nll(model, tokens)
 
 
