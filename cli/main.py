@@ -1,22 +1,38 @@
-"""The `lite` command: wires the stage functions of `lite.pipeline` to `fire`.
+"""The `lite` command: wires the stage functions of `lite.pipeline` to the command line.
 
-The docstrings below are the `--help` text. `--recipe FILE` is expanded into flags by `main` before
-fire calls a command (lite/recipes.py); the `recipe` parameters exist so that `--help` lists it.
+Each function below is a command; its parameters are the flags (kebab-case on the command line), its
+annotations say how values are read and its docstring is the `--help` text (cli/flags.py). `--recipe
+FILE` is expanded into flags before parsing (lite/recipes.py); the `recipe` parameters exist so that
+`--help` lists it.
 """
 
+import errno
+import os
+import signal
 import sys
 
-import fire
-
-from lite import pipeline
+from lite import __version__, folders, pipeline
+from lite.cli.flags import parse, render_help
 from lite.errors import LiteError
 from lite.observers import ActSettings
 from lite.pipeline import CalibSettings, SmoothSettings
 from lite.recipes import expand_recipe
 
+# The defaults the flags show come from the settings dataclasses, not repeated here.
+CALIB, SMOOTH, ACT = CalibSettings(), SmoothSettings(), ActSettings()
 
-def calibrate(model, work_dir=None, recipe=None, calib_dataset="wikitext2", calib_samples=128, calib_seqlen=2048,
-              batch_size=4, seed=0, device=None, dtype="auto", trust_remote_code=False):
+
+def given_calib(calib_dataset, calib_samples, calib_seqlen, seed) -> dict:
+    """The calibration flags given (None where not): checked now, completed from the work dir's record later."""
+    given = dict(calib_dataset=calib_dataset, calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed)
+    CalibSettings(**{k: v for k, v in given.items() if v is not None})  # refuses bad values before any work
+    return given
+
+
+def calibrate(model: str, work_dir: str = None, recipe: str = None, calib_dataset: str = CALIB.calib_dataset,
+              calib_samples: int = CALIB.calib_samples, calib_seqlen: int = CALIB.calib_seqlen,
+              batch_size: int | str = 4, seed: int = CALIB.seed, device: str = None, dtype: str = "auto",
+              trust_remote_code: bool = False):
     """Collect per-channel activation statistics, one decoder block at a time (for a local safetensors
     folder, each block's weights are read from the shards when its turn comes, never the whole model).
 
@@ -44,9 +60,10 @@ def calibrate(model, work_dir=None, recipe=None, calib_dataset="wikitext2", cali
     pipeline.calibrate(model, work_dir, calib, batch_size, device, dtype, trust_remote_code)
 
 
-def smooth(model, work_dir=None, recipe=None, alpha=0.3, w_stat="lmdeploy", quant_dtype="int8", calib_dataset="wikitext2",
-           calib_samples=128, calib_seqlen=2048, batch_size=4, seed=0, device=None, dtype="auto",
-           trust_remote_code=False):
+def smooth(model: str, work_dir: str = None, recipe: str = None, alpha: float | str = SMOOTH.alpha,
+           w_stat: str = SMOOTH.w_stat, quant_dtype: str = SMOOTH.quant_dtype, calib_dataset: str = None,
+           calib_samples: int = None, calib_seqlen: int = None, batch_size: int | str = 4, seed: int = None,
+           device: str = None, dtype: str = "auto", trust_remote_code: bool = False):
     """Compute SmoothQuant migration scales s = max|X|^alpha / w^(1-alpha) for every smoothing pair.
 
     Reads WORK_DIR/inputs_stats.pth (calibrating first when it is missing or was made with other
@@ -69,23 +86,26 @@ def smooth(model, work_dir=None, recipe=None, alpha=0.3, w_stat="lmdeploy", quan
             sqrt(max(s)·min(s)); the default, best on our measurements) or absmax (the paper's column max).
         quant_dtype: int8 or fp8: what --alpha auto quantizes its candidates to (use the dtype you will
             export); fixed alphas do not depend on it.
-        calib_dataset: see `lite calibrate --help`; used only when statistics must be (re)made.
-        calib_samples: see `lite calibrate --help`.
-        calib_seqlen: see `lite calibrate --help`.
+        calib_dataset: see `lite calibrate --help`; used only when statistics must be (re)made. Default: what
+            WORK_DIR's statistics were made with (said in one line), else wikitext2; likewise for the next three.
+        calib_samples: see `lite calibrate --help` (default: as recorded, else 128).
+        calib_seqlen: see `lite calibrate --help` (default: as recorded, else 2048).
         batch_size: see `lite calibrate --help`.
-        seed: see `lite calibrate --help`.
+        seed: see `lite calibrate --help` (default: as recorded, else 0).
         device: cuda (default when available) or cpu.
         dtype: auto, float32, float16 or bfloat16.
         trust_remote_code: allow model code from the hub.
     """
-    calib = CalibSettings(calib_dataset, calib_samples, calib_seqlen, seed)
+    calib = given_calib(calib_dataset, calib_samples, calib_seqlen, seed)
     pipeline.smooth(model, work_dir, calib, SmoothSettings(alpha, w_stat, quant_dtype), batch_size, device, dtype,
                     trust_remote_code)
 
 
-def export(model, work_dir=None, recipe=None, quant_dtype="int8", export_migration_scale=False, max_shard_size="5GB",
-           out_dir=None, dtype="auto", trust_remote_code=False, format="lmdeploy", act_scheme="dynamic",
-           act_observer="minmax", act_percentile=99.99, no_smooth=False, batch_size=4, device=None):
+def export(model: str, work_dir: str = None, recipe: str = None, quant_dtype: str = "int8",
+           export_migration_scale: bool = False, max_shard_size: str = "5GB", out_dir: str = None, dtype: str = "auto",
+           trust_remote_code: bool = False, format: str = "lmdeploy", act_scheme: str = ACT.act_scheme,
+           act_observer: str = ACT.act_observer, act_percentile: float = ACT.act_percentile, no_smooth: bool = False,
+           batch_size: int | str = 4, device: str = None):
     """Quantize to W8A8 and write an lmdeploy smooth_quant or a compressed-tensors checkpoint.
 
     Applies WORK_DIR/migration_scales.pth when present (unless --no-smooth), swaps every linear inside
@@ -125,15 +145,17 @@ def export(model, work_dir=None, recipe=None, quant_dtype="int8", export_migrati
         device: where the static-scale calibration pass runs: cuda (default when available) or cpu.
     """
     pipeline.export(model, work_dir, quant_dtype, export_migration_scale, max_shard_size, out_dir, dtype,
-                    trust_remote_code, format, ActSettings(act_scheme, act_observer, float(act_percentile)),
-                    bool(no_smooth), batch_size, device)
+                    trust_remote_code, format, ActSettings(act_scheme, act_observer, act_percentile), no_smooth,
+                    batch_size, device)
 
 
-def smooth_quant(model, work_dir=None, recipe=None, quant_dtype="int8", export_migration_scale=False, alpha=0.3,
-                 w_stat="lmdeploy", calib_dataset="wikitext2", calib_samples=128, calib_seqlen=2048,
-                 batch_size="auto", seed=0, max_shard_size="5GB", out_dir=None, device=None, dtype="auto",
-                 trust_remote_code=False, format="lmdeploy", act_scheme="dynamic", act_observer="minmax",
-                 act_percentile=99.99, no_smooth=False, max_gpu_memory="8GiB"):
+def smooth_quant(model: str, work_dir: str = None, recipe: str = None, quant_dtype: str = "int8",
+                 export_migration_scale: bool = False, alpha: float | str = SMOOTH.alpha, w_stat: str = SMOOTH.w_stat,
+                 calib_dataset: str = None, calib_samples: int = None, calib_seqlen: int = None,
+                 batch_size: int | str = "auto", seed: int = None, max_shard_size: str = "5GB", out_dir: str = None,
+                 device: str = None, dtype: str = "auto", trust_remote_code: bool = False, format: str = "lmdeploy",
+                 act_scheme: str = ACT.act_scheme, act_observer: str = ACT.act_observer,
+                 act_percentile: float = ACT.act_percentile, no_smooth: bool = False, max_gpu_memory: str = "8GiB"):
     """Calibrate, smooth and export in one command, reusing artifacts in WORK_DIR made with the same settings.
 
     For a local folder of safetensors with no statistics or scales in WORK_DIR yet (lmdeploy format,
@@ -153,12 +175,14 @@ def smooth_quant(model, work_dir=None, recipe=None, quant_dtype="int8", export_m
         alpha: migration strength in [0, 1], or auto: chosen per decoder block by the loss of the model
             quantized to --quant-dtype on the calibration windows (see `lite smooth --help`).
         w_stat: lmdeploy (default) or absmax.
-        calib_dataset: wikitext2, c4, pileval, ptb, sample, or a .txt/.jsonl/.parquet file.
-        calib_samples: number of calibration sequences.
-        calib_seqlen: tokens per calibration sequence.
+        calib_dataset: wikitext2, c4, pileval, ptb, sample, or a .txt/.jsonl/.parquet file. Default: what
+            WORK_DIR's statistics were made with (said in one line), else wikitext2; likewise for the next three.
+        calib_samples: number of calibration sequences (default: as recorded, else 128).
+        calib_seqlen: tokens per calibration sequence, at most the model's max_position_embeddings (default: as
+            recorded, else 2048).
         batch_size: sequences per forward call, or auto: as many as --max-gpu-memory allows when
             streaming (4 otherwise).
-        seed: seed for choosing the calibration windows.
+        seed: seed for choosing the calibration windows (default: as recorded, else 0).
         max_shard_size: largest safetensors shard, e.g. 5GB.
         out_dir: where the checkpoint goes (default WORK_DIR/quantized).
         device: cuda (default when available) or cpu.
@@ -173,14 +197,15 @@ def smooth_quant(model, work_dir=None, recipe=None, quant_dtype="int8", export_m
         no_smooth: skip SmoothQuant altogether (no statistics, no migration scales); --alpha 0 is not
             the same: at alpha 0, s = 1 / w still rescales every channel by its weight statistic.
     """
-    calib = CalibSettings(calib_dataset, calib_samples, calib_seqlen, seed)
+    calib = given_calib(calib_dataset, calib_samples, calib_seqlen, seed)
     pipeline.smooth_quant(model, work_dir, calib, SmoothSettings(alpha, w_stat, quant_dtype), quant_dtype,
                           export_migration_scale, max_shard_size, out_dir, batch_size, device, dtype,
-                          trust_remote_code, format, ActSettings(act_scheme, act_observer, float(act_percentile)),
-                          bool(no_smooth), max_gpu_memory)
+                          trust_remote_code, format, ActSettings(act_scheme, act_observer, act_percentile),
+                          no_smooth, max_gpu_memory)
 
 
-def eval(*models, dataset="wikitext2", seqlen=512, samples=None, batch_size=8, device=None, json_out=None):
+def eval(*models: str, dataset: str = "wikitext2", seqlen: int = 512, samples: int = None, batch_size: int = 8,
+         device: str = None, json_out: str = None):
     """Perplexity of float models and lite checkpoints, side by side, relative to the first model.
 
     Args:
@@ -198,15 +223,92 @@ def eval(*models, dataset="wikitext2", seqlen=512, samples=None, batch_size=8, d
 
 
 COMMANDS = {"calibrate": calibrate, "smooth": smooth, "export": export, "smooth_quant": smooth_quant, "eval": eval}
+USAGE = f"""usage: lite COMMAND MODEL [flags]     (lite COMMAND --help for its flags; lite --version)
+
+commands:
+    calibrate      per-channel activation statistics -> WORK_DIR/inputs_stats.pth
+    smooth         SmoothQuant migration scales -> WORK_DIR/migration_scales.pth
+    export         quantize and write a checkpoint -> WORK_DIR/quantized
+    smooth_quant   all three in one command, reusing what WORK_DIR holds
+    eval           perplexity of float models and checkpoints side by side
+
+Errors print one `lite: error:` line; set LITE_DEBUG=1 (or pass --debug) for the traceback."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that temporary files are removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _interrupted(signal_name: str, code: int) -> int:
+    kept = folders.completed
+    what = f"kept {', '.join(kept)} (complete); nothing else was written" if kept else "nothing was written"
+    print(f"lite: interrupted ({signal_name}); {what}", file=sys.stderr)
+    return code
+
+
+def run(argv: list[str]) -> int:
+    """Run one command line; returns the exit code (errors other than LiteError propagate)."""
+    if not argv or argv[0] in ("--help", "-h", "help"):
+        print(USAGE)
+        return 0
+    if argv[0] == "--version":
+        print(f"lite {__version__}")
+        return 0
+    command = argv[0]
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"commands: {', '.join(COMMANDS)}"
+        raise LiteError(f"unknown command {command!r}; {hint}")
+    fn = COMMANDS[command]
+    if any(a in ("--help", "-h") for a in argv[1:]):
+        print(render_help(command, fn))
+        return 0
+    argv = expand_recipe(argv, COMMANDS)
+    positional, kwargs, global_flags = parse(command, fn, argv[1:])
+    if "debug" in global_flags:
+        os.environ["LITE_DEBUG"] = "1"
+    if "verbose" in global_flags:
+        os.environ["LITE_VERBOSE"] = "1"
+    fn(*positional, **kwargs)
+    return 0
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    folders.completed.clear()
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        argv = expand_recipe(list(sys.argv[1:] if argv is None else argv), COMMANDS)
-        fire.Fire(COMMANDS, command=argv, name="lite")
-    except LiteError as e:
-        print(f"lite: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = run(argv)
+    except KeyboardInterrupt:
+        code = _interrupted("SIGINT", 130)
+    except Terminated:
+        code = _interrupted("SIGTERM", 143)
+    except Exception as e:  # every error ends in one line; the traceback only on request
+        if os.environ.get("LITE_DEBUG") == "1" or "--debug" in argv:
+            import traceback
+
+            traceback.print_exc()
+        if isinstance(e, LiteError):
+            message, code = str(e), 2
+        elif isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            message, code = (f"the disk is full ({e.filename or 'while writing'}); nothing incomplete was kept: "
+                             "free some space or choose other --work-dir/--out-dir folders"), 2
+        elif isinstance(e, PermissionError):
+            message, code = f"permission denied: {e.filename}; pass folders you can write to", 2
+        else:
+            message, code = (f"unexpected {type(e).__name__}: {e} (a bug in lite: please report it with the "
+                             "traceback that LITE_DEBUG=1 prints)"), 1
+        print(f"lite: error: {message}", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def attach_observers(block: nn.Module, prefix: str, arch: Arch):
     linears, shared = quantized_linears(arch, block), set()
     for pair in arch.norm_pairs:
         stats = observed_out[f"{prefix}.{pair.norm}"] = RunningStats()
-        for name in set(pair.linears) & set(linears):
+        for name in [n for n in pair.linears if n in linears]:  # in table order: the same file bytes every run
             observed_in[f"{prefix}.{name}"] = stats
             shared.add(name)
 

@@ -169,12 +169,12 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_checkpoint(model: nn.Module, tokenizer, source_folder: str | None, out_dir: str,
-                     max_shard_size: int | str = "5GB") -> None:
+                     max_shard_size: int | str = "5GB", marker: tuple[str, dict] | None = None) -> None:
     """Write a model quantized by `quantize_model_` as a compressed-tensors folder, atomically."""
     from lite import export
 
     export.write_checkpoint(model, tokenizer, source_folder, out_dir, max_shard_size,
-                            tensors=checkpoint_tensors(model))
+                            tensors=checkpoint_tensors(model), marker=marker)
 
 
 def _read_scheme(folder: str, qc: dict) -> tuple[dict, dict | None]:

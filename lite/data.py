@@ -6,6 +6,7 @@ chosen at random with a fixed seed; each starts with BOS when the tokenizer has 
 sees text at inference.
 """
 
+import hashlib
 import json
 import os
 
@@ -21,7 +22,12 @@ def _hub(path, name, split, field, data_files=None):
     def load():
         import datasets
 
-        ds = datasets.load_dataset(path, name, split=split, data_files=data_files)
+        try:
+            ds = datasets.load_dataset(path, name, split=split, data_files=data_files)
+        except Exception as e:  # offline, unreachable or renamed on the hub: datasets raises many types
+            raise LiteError(f"could not load the dataset {path} from the hub ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); pass a local text file "
+                            "(--calib-dataset FILE.txt/.jsonl/.parquet) or `sample`") from e
         return "\n\n".join(row for row in ds[field] if row)
 
     return load
@@ -46,30 +52,63 @@ EVAL_DATASETS = {
 }
 
 
+def data_fingerprint(dataset: str) -> str | None:
+    """sha256 of a local calibration file's bytes (the shipped sample included), so that an edited file
+    is told apart from the one statistics were made from; None for hub datasets and `random`."""
+    path = SAMPLE_TEXT if dataset == "sample" else dataset
+    if dataset in DATASETS and dataset != "sample" or not os.path.isfile(path):
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_text_file(path: str) -> str:
     """Text of a `.txt`, `.jsonl` (`text` field) or `.parquet` (`text` column) file."""
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".txt":
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    if ext == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    row = json.loads(line)
-                    if "text" not in row:
-                        raise LiteError(f"{path} line {n} has no 'text' field; each line must be {{\"text\": ...}}")
-                    rows.append(row["text"])
-        return "\n\n".join(rows)
-    if ext == ".parquet":
-        import datasets
-
-        ds = datasets.load_dataset("parquet", data_files=path, split="train")
-        if "text" not in ds.column_names:
-            raise LiteError(f"{path} has no 'text' column (columns: {ds.column_names})")
-        return "\n\n".join(t for t in ds["text"] if t)
+    try:
+        if ext == ".txt":
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        if ext == ".jsonl":
+            return "\n\n".join(_jsonl_rows(path))
+        if ext == ".parquet":
+            return _parquet_text(path)
+    except UnicodeDecodeError as e:
+        raise LiteError(f"{path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                        "convert it to UTF-8 (e.g. iconv -t utf-8)") from None
     raise LiteError(f"{path}: unsupported text file type {ext!r}; use .txt, .jsonl or .parquet")
+
+
+def _jsonl_rows(path: str) -> list[str]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise LiteError(f"{path} line {n} is not JSON ({e}); each line must be {{\"text\": ...}}") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise LiteError(f"{path} line {n} has no 'text' string field; each line must be {{\"text\": ...}}")
+            rows.append(row["text"])
+    return rows
+
+
+def _parquet_text(path: str) -> str:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset("parquet", data_files=path, split="train")
+    except Exception as e:  # pyarrow raises its own types for a file that is not parquet
+        raise LiteError(f"{path} could not be read as parquet ({type(e).__name__}); pass a valid .parquet file "
+                        "with a 'text' column") from None
+    if "text" not in ds.column_names:
+        raise LiteError(f"{path} has no 'text' column (columns: {ds.column_names})")
+    return "\n\n".join(t for t in ds["text"] if isinstance(t, str) and t)
 
 
 def load_text(dataset: str, eval_split: bool = False) -> str:

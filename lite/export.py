@@ -9,7 +9,6 @@ QRMSNorm (their `weight` stays in the model dtype). Embeddings, final norm and `
 import json
 import os
 import shutil
-from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 
 from lite.archs import Arch, arch_for, quantized_linears
 from lite.errors import LiteError
+from lite.folders import staged_folder, write_marker
 from lite.model import decoder_blocks
 from lite.qmodules import QLinear, QRMSNorm
 from lite.quant import quant_dtype_of
@@ -81,6 +81,8 @@ def parse_size(size: int | str) -> int:
             return int(float(text[: -len(unit)]) * factor)
     if text.isdigit():
         return int(text)
+    if text.startswith("-") and text[1:].isdigit():
+        return int(text)
     raise LiteError(f"--max-shard-size {size!r} is not a size; use e.g. 5GB, 500MB or a number of bytes")
 
 
@@ -105,31 +107,19 @@ def write_shards(tensors: dict[str, torch.Tensor], folder: str, max_shard_size: 
 
 
 def write_checkpoint(model: nn.Module, tokenizer, source_folder: str | None, out_dir: str,
-                     max_shard_size: int | str = "5GB", tensors: dict[str, torch.Tensor] | None = None) -> None:
+                     max_shard_size: int | str = "5GB", tensors: dict[str, torch.Tensor] | None = None,
+                     marker: tuple[str, dict] | None = None) -> None:
     """Write a quantized model to `out_dir` atomically: a temporary sibling folder renamed into place.
 
-    `tensors` replaces the model's state dict when a format names tensors differently.
+    `tensors` replaces the model's state dict when a format names tensors differently. `marker`
+    (work dir, export settings) is written into the folder as lite's marker (lite/folders.py).
     """
     with staged_folder(out_dir) as tmp:
         write_shards(checkpoint_tensors(model) if tensors is None else tensors, tmp, parse_size(max_shard_size))
         write_model_files(tmp, model.config, next(model.parameters()).dtype, tokenizer, source_folder,
                           getattr(model, "generation_config", None))
-
-
-@contextmanager
-def staged_folder(out_dir: str):
-    """A temporary sibling of `out_dir` to write into, moved into place when the `with` body completes
-    and removed when it raises."""
-    out_dir = os.path.abspath(out_dir)
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        replace_folder(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if marker is not None:
+            write_marker(tmp, *marker)
 
 
 def write_model_files(folder: str, config, dtype: torch.dtype, tokenizer, source_folder: str | None,
@@ -147,15 +137,6 @@ def write_model_files(folder: str, config, dtype: torch.dtype, tokenizer, source
         tokenizer.save_pretrained(folder)
         if generation_config is not None:
             generation_config.save_pretrained(folder)
-
-
-def replace_folder(new: str, target: str) -> None:
-    """Move a finished folder to `target`, replacing an earlier one only after the new one is complete."""
-    old = f"{target}.old-{os.getpid()}"
-    if os.path.exists(target):
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_state_dict(folder: str) -> dict[str, torch.Tensor]:

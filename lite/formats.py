@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from lite import compressed_tensors, export
 from lite.errors import LiteError
+from lite.folders import replace_folder
 from lite.observers import ActSettings
 
 # --format name -> quant_method written to config.json
@@ -40,14 +41,15 @@ def check_export_options(fmt: str, act: ActSettings, export_migration_scale: boo
 
 def quantize_and_write(loaded, fmt: str, quant_dtype: str, scales: dict | None, export_migration_scale: bool,
                        act: ActSettings, tokens: torch.Tensor | None, batch_size: int, device: str,
-                       out_dir: str, max_shard_size) -> None:
-    """Quantize `loaded.model` in place for `fmt` and write it to `out_dir`."""
+                       out_dir: str, max_shard_size, marker: tuple[str, dict] | None = None) -> None:
+    """Quantize `loaded.model` in place for `fmt` and write it to `out_dir` (with lite's `marker`)."""
     if fmt == "lmdeploy":
         export.quantize_model_(loaded.model, quant_dtype, scales, export_migration_scale)
-        export.write_checkpoint(loaded.model, loaded.tokenizer, loaded.folder, out_dir, max_shard_size)
+        export.write_checkpoint(loaded.model, loaded.tokenizer, loaded.folder, out_dir, max_shard_size, marker=marker)
     else:
         compressed_tensors.quantize_model_(loaded.model, quant_dtype, scales, act, tokens, batch_size, device)
-        compressed_tensors.write_checkpoint(loaded.model, loaded.tokenizer, loaded.folder, out_dir, max_shard_size)
+        compressed_tensors.write_checkpoint(loaded.model, loaded.tokenizer, loaded.folder, out_dir, max_shard_size,
+                                            marker=marker)
 
 
 def quant_method_of(folder: str) -> str | None:
@@ -101,7 +103,7 @@ def check_readback(model: nn.Module, folder: str, batches: list[torch.Tensor]) -
     if not diff <= READBACK_TOLERANCE * max(peak, 1.0):
         # Move the folder aside so that nothing serves a checkpoint that does not compute what was quantized.
         aside = f"{os.path.abspath(folder)}.unverified"
-        export.replace_folder(folder, aside)
+        replace_folder(folder, aside)
         raise LiteError(f"{folder} read back gives logits {diff:.3g} away from the in-memory quantized model "
                         f"(tolerance {READBACK_TOLERANCE * max(peak, 1.0):.3g}); moved it to {aside}; "
                         "this is a bug in lite, please report it")

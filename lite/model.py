@@ -92,29 +92,79 @@ def resolve_dtype(name: str) -> torch.dtype | str:
     return DTYPES[name]
 
 
+def local_folder(source: str) -> str | None:
+    """`source` when it is a local model folder, None when it is a hub id; refuses anything else
+    (a path that does not exist is not tried on the hub: that would only retry for half a minute)."""
+    if os.path.exists(source):
+        if not os.path.isdir(source) or not os.path.isfile(os.path.join(source, "config.json")):
+            raise LiteError(f"{source} is not a model folder (no config.json); pass a Hugging Face model folder or hub id")
+        return source
+    first = source.split("/", 1)[0]
+    if source.startswith((".", "/", "~")) or not _HUB_ID.match(source) or os.path.isdir(first):
+        raise LiteError(f"model path {source} does not exist; pass a local model folder or a hub id like org/name")
+    return None
+
+
+def read_config(source: str, trust_remote_code: bool = False):
+    """The model's config, with a one-line error for a missing, malformed or unknown `model_type`."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise LiteError(f"could not load {source}: not a local folder and not reachable on the hub "
+                        f"({str(e).splitlines()[0]})") from e
+    except ValueError as e:  # no or unknown model_type, or config.json that is not JSON
+        raise LiteError(f"{source}/config.json does not describe a model transformers knows ({str(e).splitlines()[0]}); "
+                        f"lite supports model_type: {', '.join(sorted(ARCHS))}") from None
+    arch_for(config)  # fail on an unsupported type before reading any weights
+    return config
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises ValueError, OSError or TypeError for missing tokenizer files
+        raise LiteError(f"no usable tokenizer in {source} ({type(e).__name__}); copy the tokenizer files of the "
+                        "original model (tokenizer.json, tokenizer_config.json, ...) into it") from None
+
+
+def check_finite_tensor(name: str, t: torch.Tensor, row_start: int = 0) -> None:
+    """Refuse NaN/Inf in a weight outside the blocks (embeddings, final norm, lm_head), naming the row
+    (`t` may be rows `row_start...` of the weight)."""
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        index = tuple(i.item() for i in bad.nonzero()[0])
+        where = f"row {row_start + index[0]}" + (f", column {index[1]}" if len(index) > 1 else "")
+        raise LiteError(f"weight {name} holds {t[index].item()} at {where}; the model is corrupt: re-download it")
+
+
 def load_model(source: str, dtype: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
-    """Load MODEL (folder, hub id or `tiny:<type>`) on the CPU in eval mode, checking its architecture."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Load MODEL (folder, hub id or `tiny:<type>`) on the CPU in eval mode, checking its architecture,
+    its tokenizer and its checkpoint files before reading any weight."""
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = resolve_dtype(dtype)
     source = str(source)
     if source.startswith(TINY_PREFIX):
         model = build_tiny(source[len(TINY_PREFIX):], dtype=torch.float32 if torch_dtype == "auto" else torch_dtype)
         return LoadedModel(model, byte_tokenizer(), source, None)
-    folder = None
-    if os.path.exists(source):
-        if not os.path.isdir(source) or not os.path.isfile(os.path.join(source, "config.json")):
-            raise LiteError(f"{source} is not a model folder (no config.json); pass a Hugging Face model folder or hub id")
-        folder = source
-    elif not _HUB_ID.match(source):
-        raise LiteError(f"model path {source} does not exist; pass a local model folder or a hub id like org/name")
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise LiteError(f"could not load {source}: not a local folder and not reachable on the hub ({e})") from e
-    arch_for(config)  # fail on an unsupported type before reading any weights
+    folder = local_folder(source)
+    read_config(source, trust_remote_code)
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    if folder is not None:
+        from lite.shards import ShardReader, checkpoint_files
+
+        if checkpoint_files(folder):
+            ShardReader(folder)  # checks every safetensors file's header and size
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    arch = arch_for(model.config)
+    inside = arch.blocks + "."
+    for name, p in model.named_parameters():
+        if not name.startswith(inside):
+            check_finite_tensor(name, p.detach())
     return LoadedModel(model.eval(), tokenizer, source, folder)
 
 

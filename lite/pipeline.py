@@ -8,22 +8,24 @@ reuses an artifact only when it matches.
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 
 import torch
 
-from lite import __version__
 from lite.archs import quantized_linears
 from lite.calibrate import STATS, collect_statistics
-from lite.data import calibration_tokens
+from lite.data import calibration_tokens, data_fingerprint
 from lite.errors import LiteError
+from lite.export import parse_size
+from lite.folders import check_out_dir, remove_debris
 from lite.formats import check_export_options, check_readback, quantize_and_write
-from lite.model import LoadedModel, config_hash, decoder_blocks, load_model, weights_hash
+from lite.model import LoadedModel, config_hash, decoder_blocks, load_model, resolve_dtype, weights_hash
 from lite.observers import ActSettings
-from lite.smooth import W_STATS, check_finite, migration_scales
 from lite.quant import QUANT_DTYPES
+from lite.smooth import W_STATS, check_finite, migration_scales
+from lite.workdir import MANIFEST, WorkDir, locked_work_dir
 
-MANIFEST = "lite_manifest.json"
 INPUTS_STATS, OUTPUTS_STATS, SCALES = "inputs_stats.pth", "outputs_stats.pth", "migration_scales.pth"
 
 
@@ -77,68 +79,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# ---------------------------------------------------------------------------- the work dir
-
-class WorkDir:
-    """The work dir and its manifest, bound to one model."""
-
-    def __init__(self, path: str, loaded: LoadedModel | None, identity: dict | None = None):
-        """`identity` (source, config_hash, weights_hash) stands in for `loaded` when the model is streamed."""
-        self.path = os.path.abspath(str(path))
-        self.identity = identity or {"source": loaded.source, "config_hash": config_hash(loaded.config),
-                                     "weights_hash": weights_hash(loaded.model)}
-        manifest = os.path.join(self.path, MANIFEST)
-        if os.path.isfile(manifest):
-            with open(manifest) as f:
-                self.manifest = json.load(f)
-            theirs = self.manifest.get("model", {})
-            if {k: theirs.get(k) for k in ("config_hash", "weights_hash")} != \
-                    {k: self.identity[k] for k in ("config_hash", "weights_hash")}:
-                raise LiteError(f"work dir {self.path} holds artifacts of another model ({theirs.get('source')}); "
-                                "use another --work-dir or empty this one")
-        else:
-            if os.path.isdir(self.path) and any(
-                    name == "config.json" or name.endswith(".safetensors") for name in os.listdir(self.path)):
-                raise LiteError(f"work dir {self.path} holds a model checkpoint not written by lite; "
-                                "pass an empty or new --work-dir so that nothing there is overwritten")
-            self.manifest = {"model": self.identity, "artifacts": {}}
-
-    def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
-
-    def settings_of(self, artifact: str) -> dict | None:
-        return self.manifest["artifacts"].get(artifact)
-
-    def save(self, artifact: str, settings: dict, tensors: dict[str, object]) -> None:
-        """Write artifact files (`{filename: obj}`) atomically, then record them in the manifest."""
-        os.makedirs(self.path, exist_ok=True)
-        for filename, obj in tensors.items():
-            tmp = self.file(f".{filename}.tmp")
-            torch.save(obj, tmp)
-            os.replace(tmp, self.file(filename))
-        self.record(artifact, settings)
-
-    def record(self, artifact: str, settings: dict) -> None:
-        self.manifest["artifacts"][artifact] = {**settings, "lite_version": __version__}
-        os.makedirs(self.path, exist_ok=True)  # export with --out-dir elsewhere may be the first write here
-        tmp = self.file(f".{MANIFEST}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.manifest, f, indent=2, sort_keys=True)
-        os.replace(tmp, self.file(MANIFEST))
-
-    def matches(self, artifact: str, settings: dict, files: tuple[str, ...]) -> bool:
-        recorded = self.settings_of(artifact)
-        return (recorded is not None and all(recorded.get(k) == v for k, v in settings.items())
-                and all(os.path.isfile(self.file(f)) for f in files))
-
-
-def _load_tensors(path: str) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a corrupt file; report which file it was
-        raise LiteError(f"could not read {path} ({type(e).__name__}: {e}); delete it and re-run") from e
-
-
 def validate_inputs_stats(stats: dict, loaded: LoadedModel, path: str) -> None:
     """Every quantized linear has an absmax of its input width, finite; else name what is wrong."""
     if not isinstance(stats, dict) or "absmax" not in stats:
@@ -172,6 +112,111 @@ def validate_scales(scales: dict, loaded: LoadedModel, path: str) -> None:
         check_finite(fqn, s, f"{path} migration scale")
 
 
+def check_quant_dtype(quant_dtype: str) -> None:
+    if quant_dtype not in QUANT_DTYPES:
+        raise LiteError(f"--quant-dtype {quant_dtype!r} is not one of: {', '.join(QUANT_DTYPES)}")
+
+
+def check_device(device: str | None) -> str:
+    """`device`, or the default one, after checking that it exists on this machine."""
+    device = device or default_device()
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise LiteError(f"--device {device!r} is not a device; use cuda, cuda:N or cpu") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise LiteError(f"--device {device}: no CUDA GPU is available on this machine; use --device cpu")
+    if kind not in ("cuda", "cpu"):
+        raise LiteError(f"--device {device!r}: lite runs on cuda or cpu")
+    return device
+
+
+def check_batch_size(batch_size) -> None:
+    if batch_size != "auto" and not (isinstance(batch_size, int) and not isinstance(batch_size, bool)
+                                     and batch_size >= 1):
+        raise LiteError(f"--batch-size must be a positive integer or auto, got {batch_size!r}")
+
+
+def check_seqlen(config, calib: CalibSettings) -> None:
+    """Calibration windows no longer than the positions the model was trained for."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and calib.calib_seqlen > limit:
+        raise LiteError(f"--calib-seqlen {calib.calib_seqlen} is beyond the model's max_position_embeddings "
+                        f"({limit}); pass --calib-seqlen {limit} or less")
+
+
+def describe_calib(calib: CalibSettings) -> str:
+    return (f"{calib.calib_samples} x {calib.calib_seqlen} tokens of {os.path.basename(str(calib.calib_dataset))}"
+            f" (seed {calib.seed})")
+
+
+def calib_record(calib: CalibSettings, dtype: str) -> dict:
+    """What statistics depend on: the calibration settings, the text's content hash and the dtype."""
+    return {**asdict(calib), "calib_data_sha256": data_fingerprint(calib.calib_dataset), "dtype": dtype}
+
+
+def resolve_calib(work_path: str, calib, from_record: bool = True) -> CalibSettings:
+    """`calib` when complete; else (a dict with None for what the user did not give) completed from the
+    settings the work dir's statistics were made with (when `from_record`), then from the defaults."""
+    if isinstance(calib, CalibSettings):
+        return calib
+    given = {k: v for k, v in calib.items() if v is not None}
+    recorded = {}
+    if from_record:
+        try:
+            with open(os.path.join(work_path, MANIFEST)) as f:
+                recorded = json.load(f)["artifacts"].get("statistics") or {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            recorded = {}  # no manifest yet; a corrupt one is reported when the work dir is opened
+    taken = {k: recorded[k] for k in asdict(CalibSettings()) if k not in given and k in recorded}
+    settings = CalibSettings(**{**taken, **given})
+    if taken:
+        print(f"calibration settings as recorded for {work_path}'s statistics: {describe_calib(settings)}")
+    return settings
+
+
+def identity_of(loaded: LoadedModel) -> dict:
+    return {"source": loaded.source, "config_hash": config_hash(loaded.config), "weights_hash": weights_hash(loaded.model)}
+
+
+def open_source(model: str, work_path: str, dtype: str, trust_remote_code: bool, streamable: bool = True):
+    """(model, WorkDir, streamed): a `StreamedModel` skeleton when MODEL is a local safetensors folder
+    that streams (and `streamable`), else the loaded model."""
+    from lite import stream
+
+    if streamable and stream.is_streamable(model):
+        sm = stream.open_streamed(model, dtype, trust_remote_code)
+        if sm is not None:
+            return sm, WorkDir(work_path, stream.identity(sm)), True
+    loaded = load_model(model, dtype, trust_remote_code)
+    return loaded, WorkDir(work_path, identity_of(loaded)), False
+
+
+def prepare_out_dir(out_dir: str | None, work_path: str, model: str) -> str:
+    """The checked output folder (default WORK_DIR/quantized), with dead runs' temporaries of it removed."""
+    out_dir = check_out_dir(out_dir or os.path.join(work_path, "quantized"), work_path,
+                            model if os.path.isdir(str(model)) else None)
+    remove_debris(os.path.dirname(out_dir), os.path.basename(out_dir))
+    return out_dir
+
+
+def check_disk_space(loaded, out_dir: str) -> None:
+    """Refuse before any work when the output's file system lacks room for the checkpoint (int8/fp8
+    weights inside the blocks, the rest in the model dtype)."""
+    esize = torch.empty((), dtype=getattr(loaded, "dtype", None) or next(loaded.model.parameters()).dtype).element_size()
+    needed = 0
+    inside = loaded.arch.blocks + "."
+    for name, p in loaded.model.named_parameters():
+        needed += p.numel() * (1 if name.startswith(inside) and p.dim() == 2 else esize)
+    parent = os.path.dirname(out_dir)
+    while not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    free = shutil.disk_usage(parent).free
+    if needed > free:
+        raise LiteError(f"not enough free disk space for the checkpoint in {parent}: about {needed / 1e9:.2f} GB "
+                        f"needed, {free / 1e9:.2f} GB free; free some space or pass another --out-dir")
+
+
 # ---------------------------------------------------------------------------- stages
 
 def run_calibrate(loaded: LoadedModel, work: WorkDir, calib: CalibSettings, batch_size: int, device: str,
@@ -179,26 +224,21 @@ def run_calibrate(loaded: LoadedModel, work: WorkDir, calib: CalibSettings, batc
     """Collect statistics and write both stats files; returns inputs_stats."""
     tokens = calibration_tokens(loaded.tokenizer, calib.calib_dataset, calib.calib_samples,
                                 calib.calib_seqlen, calib.seed, loaded.config.vocab_size)
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise LiteError(f"--batch-size must be a positive integer, got {batch_size!r}")
     inputs, outputs = collect_statistics(loaded.model, loaded.arch, tokens, batch_size, device)
-    work.save("statistics", {**asdict(calib), "dtype": dtype}, {INPUTS_STATS: inputs, OUTPUTS_STATS: outputs})
+    work.save("statistics", calib_record(calib, dtype), {INPUTS_STATS: inputs, OUTPUTS_STATS: outputs})
     return inputs
 
 
 def reusable_statistics(loaded, work, calib, dtype) -> dict | None:
-    """inputs_stats from the work dir when made with these settings (or by another tool), validated
+    """inputs_stats from the work dir when lite made them with these settings from the same data, validated
     against `loaded` (a LoadedModel or a streamed skeleton); None when they must be made again."""
-    settings = {**asdict(calib), "dtype": dtype}
-    path = work.file(INPUTS_STATS)
-    recorded = work.settings_of("statistics")
-    if os.path.isfile(path) and (recorded is None or work.matches("statistics", settings, (INPUTS_STATS,))):
-        stats = _load_tensors(path)
-        validate_inputs_stats(stats, loaded, path)
-        return stats
-    if recorded is not None:
-        print(f"statistics in {work.path} were made with other settings; calibrating again")
-    return None
+    if not work.reusable("statistics", calib_record(calib, dtype), (INPUTS_STATS, OUTPUTS_STATS),
+                         "calibrating again"):
+        return None
+    stats = work.load(INPUTS_STATS)
+    validate_inputs_stats(stats, loaded, work.file(INPUTS_STATS))
+    print(f"reusing {work.file(INPUTS_STATS)} ({describe_calib(calib)})")
+    return stats
 
 
 def ensure_statistics(loaded, work, calib, batch_size, device, dtype) -> dict:
@@ -207,9 +247,13 @@ def ensure_statistics(loaded, work, calib, batch_size, device, dtype) -> dict:
     return stats if stats is not None else run_calibrate(loaded, work, calib, batch_size, device, dtype)
 
 
+def smoothing_record(calib, smoothing, dtype) -> dict:
+    return {**calib_record(calib, dtype), **smoothing.record()}
+
+
 def run_smooth(loaded, work, calib, smoothing, batch_size, device, dtype) -> dict:
     stats = ensure_statistics(loaded, work, calib, batch_size, device, dtype)
-    settings = {**asdict(calib), "dtype": dtype, **smoothing.record()}
+    settings = smoothing_record(calib, smoothing, dtype)
     if smoothing.auto:
         from lite.search import search_alphas
 
@@ -226,13 +270,19 @@ def run_smooth(loaded, work, calib, smoothing, batch_size, device, dtype) -> dic
     return scales
 
 
+def reusable_scales(loaded, work, calib, smoothing, dtype) -> dict | None:
+    if not work.reusable("migration_scales", smoothing_record(calib, smoothing, dtype), (SCALES,),
+                         "computing them again"):
+        return None
+    scales = work.load(SCALES)
+    validate_scales(scales, loaded, work.file(SCALES))
+    print(f"reusing {work.file(SCALES)}")
+    return scales
+
+
 def ensure_scales(loaded, work, calib, smoothing, batch_size, device, dtype) -> dict:
-    settings = {**asdict(calib), "dtype": dtype, **smoothing.record()}
-    if work.matches("migration_scales", settings, (SCALES,)):
-        scales = _load_tensors(work.file(SCALES))
-        validate_scales(scales, loaded, work.file(SCALES))
-        return scales
-    return run_smooth(loaded, work, calib, smoothing, batch_size, device, dtype)
+    scales = reusable_scales(loaded, work, calib, smoothing, dtype)
+    return scales if scales is not None else run_smooth(loaded, work, calib, smoothing, batch_size, device, dtype)
 
 
 def readback_batches(tokenizer, tokens: torch.Tensor | None) -> list[torch.Tensor]:
@@ -243,30 +293,23 @@ def readback_batches(tokenizer, tokens: torch.Tensor | None) -> list[torch.Tenso
     return [window[None, :128] for window in tokens[:2]]
 
 
-def check_out_dir(work: WorkDir, out_dir: str | None) -> str:
-    """The absolute output folder (default WORK_DIR/quantized); refuses one lite did not write."""
-    out_dir = os.path.abspath(out_dir or work.file("quantized"))
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and work.settings_of("export") is None:
-        raise LiteError(f"output folder {out_dir} exists and was not written by lite for this work dir; "
-                        "pass another --out-dir")
-    return out_dir
-
-
-def check_quant_dtype(quant_dtype: str) -> None:
-    if quant_dtype not in QUANT_DTYPES:
-        raise LiteError(f"--quant-dtype {quant_dtype!r} is not one of: {', '.join(QUANT_DTYPES)}")
+def export_settings(work: WorkDir, fmt: str, quant_dtype: str, act: ActSettings, export_migration_scale: bool,
+                    max_shard_size, dtype: str, smoothed: bool, calib: CalibSettings | None) -> dict:
+    """Every setting that determines a checkpoint, for the manifest's `export` record and the folder's marker."""
+    return {"format": fmt, "quant_dtype": quant_dtype, **asdict(act), "export_migration_scale": export_migration_scale,
+            "max_shard_size": max_shard_size, "dtype": dtype, "smoothed": smoothed,
+            "migration_scales": work.settings_of("migration_scales") if smoothed else None,
+            "calibration": calib_record(calib, dtype) if calib is not None and act.static else None}
 
 
 def run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir,
-               fmt="lmdeploy", act=ActSettings(), calib=None, batch_size=4, device="cpu") -> str:
-    """Quantize and write in `fmt`, then read the folder back and compare logits.
+               fmt="lmdeploy", act=ActSettings(), calib=None, batch_size=4, device="cpu", dtype="auto") -> str:
+    """Quantize and write in `fmt` to `out_dir` (checked by `prepare_out_dir`), then read the folder back
+    and compare logits.
 
     `calib` (the calibration settings) gives the windows for static activation scales and the
     read-back check; it is required for static scales.
     """
-    check_quant_dtype(quant_dtype)
-    check_export_options(fmt, act, export_migration_scale)
-    out_dir = check_out_dir(work, out_dir)
     tokens = None
     if calib is not None:
         tokens = calibration_tokens(loaded.tokenizer, calib.calib_dataset, calib.calib_samples,
@@ -274,63 +317,57 @@ def run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_sh
     elif act.static:
         raise LiteError("--act-scheme static needs calibration windows; run `lite calibrate` on this work dir "
                         "first (its settings are reused) or use `lite smooth_quant`")
+    settings = export_settings(work, fmt, quant_dtype, act, export_migration_scale, max_shard_size, dtype,
+                               bool(scales), calib)
     quantize_and_write(loaded, fmt, quant_dtype, scales, export_migration_scale, act, tokens, batch_size, device,
-                       out_dir, max_shard_size)
+                       out_dir, max_shard_size, marker=(work.path, settings))
     check_readback(loaded.model, out_dir, readback_batches(loaded.tokenizer, tokens))
-    work.record("export", {"out_dir": out_dir, "quant_dtype": quant_dtype, "format": fmt, **asdict(act),
-                           "export_migration_scale": export_migration_scale, "smoothed": bool(scales)})
+    work.record("export", {**settings, "out_dir": out_dir})
     print(f"wrote {out_dir}")
     return out_dir
 
 
-def open_model(model: str, work_dir: str, dtype: str, trust_remote_code: bool) -> tuple[LoadedModel, WorkDir]:
-    if work_dir is None:
-        raise LiteError("--work-dir is required: the folder where statistics, scales and the checkpoint go")
-    loaded = load_model(model, dtype, trust_remote_code)
-    return loaded, WorkDir(work_dir, loaded)
+def check_export_flags(quant_dtype, fmt, act, export_migration_scale, max_shard_size) -> None:
+    check_quant_dtype(quant_dtype)
+    check_export_options(fmt, act, export_migration_scale)
+    if parse_size(max_shard_size) <= 0:
+        raise LiteError(f"--max-shard-size must be positive, got {max_shard_size!r}")
 
 
-def open_streamed(model: str, work_dir: str, dtype: str, trust_remote_code: bool):
-    """(StreamedModel, WorkDir) when MODEL is a local safetensors folder whose skeleton streams, else None."""
+def calibrate(model, work_dir, calib, batch_size=4, device=None, dtype="auto", trust_remote_code=False) -> None:
+    """`lite calibrate`. `calib`: CalibSettings, or a dict of the given ones (None: the default)."""
     from lite import stream
 
-    if work_dir is None or not stream.is_streamable(model):
-        return None
-    streamed = stream.open_streamed(model, dtype, trust_remote_code)
-    if streamed is None:
-        return None
-    return streamed, WorkDir(work_dir, None, stream.identity(streamed))
+    device, _ = check_device(device), resolve_dtype(dtype)
+    check_batch_size(batch_size)
+    with locked_work_dir(work_dir) as path:
+        calib = resolve_calib(path, calib, from_record=False)
+        loaded, work, streamed = open_source(model, path, dtype, trust_remote_code)
+        check_seqlen(loaded.config, calib)
+        if streamed:
+            stream.stream_calibrate(loaded, work, calib, batch_size, device, dtype)
+        else:
+            run_calibrate(loaded, work, calib, 4 if batch_size == "auto" else batch_size, device, dtype)
+        print(f"wrote {work.file(INPUTS_STATS)} and {work.file(OUTPUTS_STATS)}")
 
 
-def calibrate(model, work_dir, calib: CalibSettings, batch_size=4, device=None, dtype="auto",
-              trust_remote_code=False) -> None:
+def smooth(model, work_dir, calib, smoothing: SmoothSettings, batch_size=4, device=None, dtype="auto",
+           trust_remote_code=False) -> None:
+    """`lite smooth`. Calibration settings not given default to those of the work dir's statistics."""
     from lite import stream
 
-    device = device or default_device()
-    streamed = open_streamed(model, work_dir, dtype, trust_remote_code)
-    if streamed is not None:
-        sm, work = streamed
-        stream.stream_calibrate(sm, work, calib, batch_size, device, dtype)
-    else:
-        loaded, work = open_model(model, work_dir, dtype, trust_remote_code)
-        run_calibrate(loaded, work, calib, batch_size, device, dtype)
-    print(f"wrote {work.file(INPUTS_STATS)} and {work.file(OUTPUTS_STATS)}")
-
-
-def smooth(model, work_dir, calib: CalibSettings, smoothing: SmoothSettings, batch_size=4, device=None,
-           dtype="auto", trust_remote_code=False) -> None:
-    from lite import stream
-
-    device = device or default_device()
-    # The alpha search runs the whole model; fixed alphas read one block's weights at a time.
-    streamed = None if smoothing.auto else open_streamed(model, work_dir, dtype, trust_remote_code)
-    if streamed is not None:
-        sm, work = streamed
-        stream.stream_smooth(sm, work, calib, smoothing, batch_size, device, dtype)
-    else:
-        loaded, work = open_model(model, work_dir, dtype, trust_remote_code)
-        run_smooth(loaded, work, calib, smoothing, batch_size, device, dtype)
-    print(f"wrote {work.file(SCALES)}")
+    device, _ = check_device(device), resolve_dtype(dtype)
+    check_batch_size(batch_size)
+    with locked_work_dir(work_dir) as path:
+        calib = resolve_calib(path, calib)
+        # The alpha search runs the whole model; fixed alphas read one block's weights at a time.
+        loaded, work, streamed = open_source(model, path, dtype, trust_remote_code, streamable=not smoothing.auto)
+        check_seqlen(loaded.config, calib)
+        if streamed:
+            stream.stream_smooth(loaded, work, calib, smoothing, batch_size, device, dtype)
+        else:
+            run_smooth(loaded, work, calib, smoothing, 4 if batch_size == "auto" else batch_size, device, dtype)
+        print(f"wrote {work.file(SCALES)}")
 
 
 def recorded_calib(work: WorkDir) -> CalibSettings | None:
@@ -344,56 +381,75 @@ def recorded_calib(work: WorkDir) -> CalibSettings | None:
 def export(model, work_dir, quant_dtype="int8", export_migration_scale=False, max_shard_size="5GB", out_dir=None,
            dtype="auto", trust_remote_code=False, fmt="lmdeploy", act=ActSettings(), no_smooth=False,
            batch_size=4, device=None) -> str:
+    """`lite export`: the work dir's migration scales (when lite made them and not --no-smooth) folded or stored."""
     from lite import stream
 
-    check_export_options(fmt, act, export_migration_scale)
-    device = device or default_device()
-    # lmdeploy with dynamic activations needs no forward pass: stream the blocks shard in, shard out.
-    streamed = open_streamed(model, work_dir, dtype, trust_remote_code) if fmt == "lmdeploy" and not act.static \
-        else None
-    if streamed is not None:
-        loaded, work = streamed
-    else:
-        loaded, work = open_model(model, work_dir, dtype, trust_remote_code)
-    scales = None
-    if os.path.isfile(work.file(SCALES)) and not no_smooth:
-        scales = _load_tensors(work.file(SCALES))
-        validate_scales(scales, loaded, work.file(SCALES))
-        searched_for = (work.settings_of("migration_scales") or {}).get("quant_dtype")
-        if searched_for not in (None, quant_dtype):
-            print(f"note: {SCALES} was searched (--alpha auto) for {searched_for}, not {quant_dtype}; "
-                  f"run `lite smooth --alpha auto --quant-dtype {quant_dtype}` first for the best {quant_dtype} result")
-    elif export_migration_scale:
-        print(f"no {SCALES} in {work.path} (or --no-smooth): every migration_scale will be ones")
-    if streamed is not None:
-        return stream.stream_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size,
-                                    out_dir, device)
-    return run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir,
-                      fmt, act, recorded_calib(work) if act.static else None, batch_size, device)
+    check_export_flags(quant_dtype, fmt, act, export_migration_scale, max_shard_size)
+    device, _ = check_device(device), resolve_dtype(dtype)
+    check_batch_size(batch_size)
+    with locked_work_dir(work_dir) as path:
+        out_dir = prepare_out_dir(out_dir, path, model)
+        # lmdeploy with dynamic activations needs no forward pass: stream the blocks shard in, shard out.
+        loaded, work, streamed = open_source(model, path, dtype, trust_remote_code,
+                                             streamable=fmt == "lmdeploy" and not act.static)
+        check_disk_space(loaded, out_dir)
+        scales = None
+        if no_smooth:
+            pass
+        elif work.reusable("migration_scales", {}, (SCALES,), "not using it"):
+            scales = work.load(SCALES)
+            validate_scales(scales, loaded, work.file(SCALES))
+            searched_for = (work.settings_of("migration_scales") or {}).get("quant_dtype")
+            if searched_for not in (None, quant_dtype):
+                print(f"note: {SCALES} was searched (--alpha auto) for {searched_for}, not {quant_dtype}; run "
+                      f"`lite smooth --alpha auto --quant-dtype {quant_dtype}` first for the best {quant_dtype} result")
+        elif os.path.isfile(work.file(SCALES)):
+            raise LiteError(f"{work.file(SCALES)} was not made by lite for this work dir (or changed since); run "
+                            "`lite smooth` to make it again, or pass --no-smooth to export without smoothing")
+        else:
+            print(f"note: no {SCALES} in {path}: exporting without SmoothQuant (run `lite smooth` first to smooth; "
+                  "--no-smooth says this is intended)" + ("; every migration_scale will be ones"
+                                                          if export_migration_scale else ""))
+        if streamed:
+            return stream.stream_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size,
+                                        out_dir, device, dtype)
+        return run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir,
+                          fmt, act, recorded_calib(work) if act.static else None,
+                          4 if batch_size == "auto" else batch_size, device, dtype)
 
 
-def smooth_quant(model, work_dir, calib: CalibSettings, smoothing: SmoothSettings, quant_dtype="int8",
+def smooth_quant(model, work_dir, calib, smoothing: SmoothSettings, quant_dtype="int8",
                  export_migration_scale=False, max_shard_size="5GB", out_dir=None, batch_size=4, device=None,
                  dtype="auto", trust_remote_code=False, fmt="lmdeploy", act=ActSettings(), no_smooth=False,
                  max_gpu_memory="8GiB") -> str:
-    check_quant_dtype(quant_dtype)  # before calibrating, not after
-    check_export_options(fmt, act, export_migration_scale)
-    device = device or default_device()
-    if fmt == "lmdeploy" and not act.static and not no_smooth and not smoothing.auto:
-        # A local safetensors folder and nothing to reuse in the work dir: one streamed pass over the blocks.
-        from lite import stream
+    """`lite smooth_quant`: calibrate, smooth and export, reusing what the work dir holds that matches."""
+    from lite import stream
 
-        if work_dir is not None and stream.is_streamable(model):
-            streamed = stream.open_streamed(model, dtype, trust_remote_code)
-            if streamed is not None:
-                work = WorkDir(work_dir, None, stream.identity(streamed))
-                if not any(os.path.exists(work.file(f)) for f in (INPUTS_STATS, SCALES)):
-                    return stream.stream_smooth_quant(streamed, work, calib, smoothing, quant_dtype,
+    check_export_flags(quant_dtype, fmt, act, export_migration_scale, max_shard_size)
+    device, _ = check_device(device), resolve_dtype(dtype)
+    check_batch_size(batch_size)
+    if parse_size(max_gpu_memory) <= 0:
+        raise LiteError(f"--max-gpu-memory must be positive, got {max_gpu_memory!r}")
+    with locked_work_dir(work_dir) as path:
+        out_dir = prepare_out_dir(out_dir, path, model)
+        calib = resolve_calib(path, calib)
+        one_pass = fmt == "lmdeploy" and not act.static and not no_smooth and not smoothing.auto
+        loaded, work, streamed = open_source(model, path, dtype, trust_remote_code, streamable=one_pass)
+        check_seqlen(loaded.config, calib)
+        check_disk_space(loaded, out_dir)
+        if streamed:
+            scales = reusable_scales(loaded, work, calib, smoothing, dtype)
+            if scales is None:
+                if reusable_statistics(loaded, work, calib, dtype) is None:
+                    # Nothing to reuse: calibrate, smooth and export in one streamed pass over the blocks.
+                    return stream.stream_smooth_quant(loaded, work, calib, smoothing, quant_dtype,
                                                       export_migration_scale, max_shard_size, out_dir, batch_size,
                                                       device, dtype, max_gpu_memory)
-    if batch_size == "auto":
-        batch_size = 4
-    loaded, work = open_model(model, work_dir, dtype, trust_remote_code)
-    scales = None if no_smooth else ensure_scales(loaded, work, calib, smoothing, batch_size, device, dtype)
-    return run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir,
-                      fmt, act, calib, batch_size, device)
+                scales = stream.stream_smooth(loaded, work, calib, smoothing, batch_size, device, dtype,
+                                              max_gpu_memory)
+            return stream.stream_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size,
+                                        out_dir, device, dtype)
+        batch_size = 4 if batch_size == "auto" else batch_size
+        scales = None if no_smooth else ensure_scales(loaded, work, calib, smoothing, batch_size, device, dtype)
+        return run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir,
+                          fmt, act, calib, batch_size, device, dtype)

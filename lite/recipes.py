@@ -2,7 +2,7 @@
 
 A recipe maps flag names (kebab or snake case) to values, plus an optional `description`. On the
 command line, `--recipe FILE` is replaced by the recipe's flags, placed before the user's own flags so
-that those win (fire keeps the last value of a repeated flag).
+that those win (the last value of a repeated flag counts: cli/flags.py).
 """
 
 import inspect
@@ -58,5 +58,5 @@ def expand_recipe(argv: list[str], commands: dict) -> list[str]:
     if path is None:
         return argv
     flags = load_recipe(path, commands[argv[0]])
-    expanded = [f"--{name}={value!r}" if isinstance(value, str) else f"--{name}={value}" for name, value in flags.items()]
+    expanded = [f"--{name}={value}" for name, value in flags.items()]
     return [argv[0], *expanded, *rest]

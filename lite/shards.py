@@ -42,17 +42,36 @@ class Entry:
 
 
 def read_header(path: str) -> dict[str, Entry]:
+    """The tensors of one safetensors file, after checking that the file is whole (a truncated, empty or
+    foreign file is a LiteError naming it)."""
+    broken = f"{path} is not a complete safetensors file"
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        head = f.read(8)
+        if len(head) < 8:
+            raise LiteError(f"{broken} ({size} bytes); re-download the model")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise LiteError(f"{broken} (its header claims {n} bytes, the file has {size}); re-download the model")
+        try:
+            header = json.loads(f.read(n))
+            assert isinstance(header, dict)
+        except (ValueError, AssertionError):
+            raise LiteError(f"{broken} (its header is not JSON); re-download the model") from None
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in DTYPES:
-            raise LiteError(f"{path}: tensor {name} has dtype {info['dtype']}, which lite does not read")
-        begin, end = info["data_offsets"]
-        entries[name] = Entry(path, DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + begin, 8 + n + end)
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise LiteError(f"{broken} (entry {name} is malformed); re-download the model") from None
+        if dtype not in DTYPES:
+            raise LiteError(f"{path}: tensor {name} has dtype {dtype}, which lite does not read")
+        if 8 + n + end > size:
+            raise LiteError(f"{path} is truncated: tensor {name} ends at byte {8 + n + end}, the file has {size}; "
+                            "re-download the model")
+        entries[name] = Entry(path, DTYPES[dtype], shape, 8 + n + begin, 8 + n + end)
     return entries
 
 

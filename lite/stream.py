@@ -29,13 +29,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from lite.archs import arch_for, quantized_linears
 from lite.calibrate import attach_observers, capture_block_inputs, removing, store_statistics
 from lite.data import calibration_tokens
 from lite.errors import LiteError
-from lite.export import (parse_size, quantization_config, quantize_block_, staged_folder, write_model_files)
-from lite.model import LoadedModel, config_hash, decoder_blocks, resolve_dtype
+from lite.export import parse_size, quantization_config, quantize_block_, write_model_files
+from lite.folders import staged_folder, write_marker
+from lite.model import (LoadedModel, check_finite_tensor, config_hash, decoder_blocks, load_tokenizer, read_config,
+                        resolve_dtype)
 from lite.observers import ActSettings
 from lite.qmodules import QLinear, QRMSNorm
 from lite.quant import CHUNK_ELEMENTS, QUANT_DTYPES, quant_dtype_of, row_chunks
@@ -73,12 +76,13 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, parameter: bool
 
 def open_streamed(source: str, dtype: str = "auto", trust_remote_code: bool = False) -> StreamedModel | None:
     """The skeleton of a local safetensors model, or None when its blocks hold buffers we cannot rebuild."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     opened_at = time.perf_counter()
     source = str(source)
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    config = read_config(source, trust_remote_code)
     arch = arch_for(config)
+    tokenizer = load_tokenizer(source, trust_remote_code)  # before any weight: a missing tokenizer fails fast
     reader = ShardReader(source)
     torch_dtype = resolve_dtype(dtype)
     if torch_dtype == "auto":
@@ -106,7 +110,6 @@ def open_streamed(source: str, dtype: str = "auto", trust_remote_code: bool = Fa
             _set_tensor(model, name, reader.read([name])[name], parameter=False)
         else:
             return None
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     return StreamedModel(model, tokenizer, source, source, reader, torch_dtype, opened_at)
 
 
@@ -305,7 +308,9 @@ def walk_blocks(sm: StreamedModel, timer: _Timer, tokens: torch.Tensor | None = 
         for name in tail_names:
             shape = reader.entries[name].shape
             for rows in row_chunks(shape[0], shape[1] if len(shape) > 1 else 1):
-                writer.write(name, reader.read_rows(name, rows.start, rows.stop).to(sm.dtype), row_start=rows.start)
+                part = reader.read_rows(name, rows.start, rows.stop).to(sm.dtype)
+                check_finite_tensor(name, part, rows.start)
+                writer.write(name, part, row_start=rows.start)
 
     def write(tensors: dict[str, torch.Tensor], ready) -> None:
         if ready is not None:
@@ -341,6 +346,7 @@ def walk_blocks(sm: StreamedModel, timer: _Timer, tokens: torch.Tensor | None = 
             embed = torch.empty(embed_shape, dtype=sm.dtype, device=device) if tokens is not None else None
             for rows in row_chunks(*embed_shape):
                 part = reader.read_rows(embed_name, rows.start, rows.stop).to(sm.dtype)  # (rows, hidden)
+                check_finite_tensor(embed_name, part, rows.start)
                 if writer is not None:
                     writer.write(embed_name, part, row_start=rows.start)
                 if embed is not None:
@@ -363,7 +369,9 @@ def walk_blocks(sm: StreamedModel, timer: _Timer, tokens: torch.Tensor | None = 
             _set_tensor(model, embed_name, torch.empty(embed_shape, dtype=sm.dtype, device="meta"), parameter=True)
             timer.lap("capture")
 
-        for i, prefix in enumerate(prefixes):
+        tokens_per_block = 0 if tokens is None else tokens.numel()
+        progress = tqdm(prefixes, desc="blocks", unit="block", dynamic_ncols=True)
+        for i, prefix in enumerate(progress):
             weights = pending.result()
             if i + 1 < len(prefixes):
                 pending = read_ahead(fetch, prefixes[i + 1])
@@ -378,9 +386,8 @@ def walk_blocks(sm: StreamedModel, timer: _Timer, tokens: torch.Tensor | None = 
                     t.record_stream(torch.cuda.current_stream(device))
                 _set_tensor(model, name, t, parameter=True)
             del weights
-            if writer is None:  # when exporting, quantize_block_ checks them
-                for name, p in block.named_parameters():
-                    check_finite(f"{prefix}.{name}", p, "weight")
+            for name, p in block.named_parameters():  # before the forward: a NaN is named where it is
+                check_finite(f"{prefix}.{name}", p, "weight")
             if tokens is not None:
                 observed_in, observed_out, handles = attach_observers(block, prefix, arch)
                 with removing(handles):
@@ -416,6 +423,10 @@ def walk_blocks(sm: StreamedModel, timer: _Timer, tokens: torch.Tensor | None = 
                 del outputs
             block.to("meta")
             timer.lap("write")
+            if tokens_per_block:
+                progress.set_postfix_str(f"{tokens_per_block * (i + 1) / progress.format_dict['elapsed']:.0f} tokens/s"
+                                         if progress.format_dict["elapsed"] else "")
+        progress.close()
         del hidden, kwargs, pinned
         if pending is not None:
             pending.result()
@@ -436,6 +447,8 @@ def walk_blocks(sm: StreamedModel, timer: _Timer, tokens: torch.Tensor | None = 
 
 
 def _print_timings(sm: StreamedModel, timer: _Timer, summary: dict) -> None:
+    if os.environ.get("LITE_VERBOSE") != "1":  # set by --verbose
+        return
     timer.lap("finish")
     summary = {**timer.times, "of_which_identity": sm.identity_s, **summary}
     print("timings " + " ".join(f"{k}={v}" for k, v in summary.items()))
@@ -444,16 +457,16 @@ def _print_timings(sm: StreamedModel, timer: _Timer, summary: dict) -> None:
 def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="int8", export_migration_scale=False,
                         max_shard_size="5GB", out_dir=None, batch_size="auto", device="cpu", dtype="auto",
                         max_gpu_memory=DEFAULT_MAX_GPU_MEMORY) -> str:
-    """Calibrate, smooth and export in one pass over the blocks; returns the output folder.
+    """Calibrate, smooth and export in one pass over the blocks into `out_dir` (checked by the caller);
+    returns it.
 
     Writes the same work-dir artifacts as `lite calibrate` and `lite smooth` (statistics, migration
     scales, manifest entries) and the same checkpoint as `lite export`.
     """
-    from lite.pipeline import INPUTS_STATS, OUTPUTS_STATS, SCALES, check_out_dir
+    from lite.pipeline import INPUTS_STATS, OUTPUTS_STATS, SCALES, calib_record, export_settings, smoothing_record
 
     timer = _Timer(sm.opened_at or time.perf_counter())
     _check_options(quant_dtype, batch_size)
-    out_dir = check_out_dir(work, out_dir)
     tokens = calibration_tokens(sm.tokenizer, calib.calib_dataset, calib.calib_samples, calib.calib_seqlen,
                                 calib.seed, vocab_size=sm.config.vocab_size)
     with staged_folder(out_dir) as tmp:
@@ -461,11 +474,12 @@ def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="
             sm, timer, tokens, smoothing, export=ExportSpec(quant_dtype, export_migration_scale, max_shard_size),
             out_folder=tmp, batch_size=batch_size, device=device, max_gpu_memory=max_gpu_memory)
         # Artifacts first, then the folder appears: a finished output folder always has its statistics.
-        settings = {**asdict(calib), "dtype": dtype}
-        work.save("statistics", settings, {INPUTS_STATS: inputs_stats, OUTPUTS_STATS: outputs_stats})
-        work.save("migration_scales", {**settings, **smoothing.record()}, {SCALES: scales})
-    work.record("export", {"out_dir": out_dir, "quant_dtype": quant_dtype, "format": "lmdeploy",
-                           "export_migration_scale": export_migration_scale, "smoothed": True, "streamed": True})
+        work.save("statistics", calib_record(calib, dtype), {INPUTS_STATS: inputs_stats, OUTPUTS_STATS: outputs_stats})
+        work.save("migration_scales", smoothing_record(calib, smoothing, dtype), {SCALES: scales})
+        settings = export_settings(work, "lmdeploy", quant_dtype, ActSettings(), export_migration_scale,
+                                   max_shard_size, dtype, True, None)
+        write_marker(tmp, work.path, settings)
+    work.record("export", {**settings, "out_dir": out_dir, "streamed": True})
     _print_timings(sm, timer, summary)
     print(f"wrote {out_dir}")
     return out_dir
@@ -475,7 +489,7 @@ def stream_calibrate(sm: StreamedModel, work, calib, batch_size="auto", device="
                      max_gpu_memory=DEFAULT_MAX_GPU_MEMORY) -> dict:
     """`lite calibrate` over the streamed blocks: the same statistics files and manifest entry as
     `pipeline.run_calibrate`; returns inputs_stats."""
-    from lite.pipeline import INPUTS_STATS, OUTPUTS_STATS
+    from lite.pipeline import INPUTS_STATS, OUTPUTS_STATS, calib_record
 
     timer = _Timer(sm.opened_at or time.perf_counter())
     _check_options("int8", batch_size)
@@ -483,7 +497,7 @@ def stream_calibrate(sm: StreamedModel, work, calib, batch_size="auto", device="
                                 calib.seed, vocab_size=sm.config.vocab_size)
     inputs_stats, outputs_stats, _, summary = walk_blocks(sm, timer, tokens, batch_size=batch_size, device=device,
                                                           max_gpu_memory=max_gpu_memory)
-    work.save("statistics", {**asdict(calib), "dtype": dtype}, {INPUTS_STATS: inputs_stats, OUTPUTS_STATS: outputs_stats})
+    work.save("statistics", calib_record(calib, dtype), {INPUTS_STATS: inputs_stats, OUTPUTS_STATS: outputs_stats})
     _print_timings(sm, timer, summary)
     return inputs_stats
 
@@ -493,10 +507,9 @@ def stream_smooth(sm: StreamedModel, work, calib, smoothing, batch_size="auto", 
     """`lite smooth` over the streamed blocks: from the work dir's statistics when they may be reused (the
     blocks' weights are read, nothing runs forward), else calibrating in the same pass. The same
     artifacts and manifest entries as `pipeline.run_smooth`; returns the migration scales."""
-    from lite.pipeline import INPUTS_STATS, OUTPUTS_STATS, SCALES, reusable_statistics
+    from lite.pipeline import INPUTS_STATS, OUTPUTS_STATS, SCALES, calib_record, reusable_statistics, smoothing_record
 
     timer = _Timer(sm.opened_at or time.perf_counter())
-    settings = {**asdict(calib), "dtype": dtype}
     stats = reusable_statistics(sm, work, calib, dtype)
     if stats is not None:
         _, _, scales, summary = walk_blocks(sm, timer, smoothing=smoothing, act_absmax=stats["absmax"], device=device)
@@ -506,28 +519,28 @@ def stream_smooth(sm: StreamedModel, work, calib, smoothing, batch_size="auto", 
                                     calib.seed, vocab_size=sm.config.vocab_size)
         inputs_stats, outputs_stats, scales, summary = walk_blocks(
             sm, timer, tokens, smoothing, batch_size=batch_size, device=device, max_gpu_memory=max_gpu_memory)
-        work.save("statistics", settings, {INPUTS_STATS: inputs_stats, OUTPUTS_STATS: outputs_stats})
-    work.save("migration_scales", {**settings, **smoothing.record()}, {SCALES: scales})
+        work.save("statistics", calib_record(calib, dtype), {INPUTS_STATS: inputs_stats, OUTPUTS_STATS: outputs_stats})
+    work.save("migration_scales", smoothing_record(calib, smoothing, dtype), {SCALES: scales})
     _print_timings(sm, timer, summary)
     return scales
 
 
 def stream_export(sm: StreamedModel, work, scales: dict | None, quant_dtype="int8", export_migration_scale=False,
-                  max_shard_size="5GB", out_dir=None, device="cpu") -> str:
-    """`lite export` (lmdeploy format, dynamic activations) over the streamed blocks: each block read,
-    `scales` folded in (or stored), quantized and written; no forward pass. The same checkpoint and
-    manifest entry as `pipeline.run_export`; returns the output folder."""
-    from lite.pipeline import check_out_dir
+                  max_shard_size="5GB", out_dir=None, device="cpu", dtype="auto") -> str:
+    """`lite export` (lmdeploy format, dynamic activations) over the streamed blocks into `out_dir` (checked
+    by the caller): each block read, `scales` folded in (or stored), quantized and written; no forward
+    pass. The same checkpoint and manifest entry as `pipeline.run_export`; returns the output folder."""
+    from lite.pipeline import export_settings
 
     timer = _Timer(sm.opened_at or time.perf_counter())
     _check_options(quant_dtype, "auto")
-    out_dir = check_out_dir(work, out_dir)
+    settings = export_settings(work, "lmdeploy", quant_dtype, ActSettings(), export_migration_scale, max_shard_size,
+                               dtype, bool(scales), None)
     with staged_folder(out_dir) as tmp:
         _, _, _, summary = walk_blocks(sm, timer, scales=scales or {}, out_folder=tmp, device=device,
                                        export=ExportSpec(quant_dtype, export_migration_scale, max_shard_size))
-    work.record("export", {"out_dir": out_dir, "quant_dtype": quant_dtype, "format": "lmdeploy",
-                           **asdict(ActSettings()), "export_migration_scale": export_migration_scale,
-                           "smoothed": bool(scales), "streamed": True})
+        write_marker(tmp, work.path, settings)
+    work.record("export", {**settings, "out_dir": out_dir, "streamed": True})
     _print_timings(sm, timer, summary)
     print(f"wrote {out_dir}")
     return out_dir

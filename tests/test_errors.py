@@ -4,6 +4,8 @@ Each case is crafted so that the check it names is the one that fires (e.g. a fo
 file without a manifest reaches the statistics check; with a manifest, the manifest check fires).
 """
 
+import hashlib
+import json
 import os
 
 import pytest
@@ -36,6 +38,10 @@ def lite_error(capsys, *args) -> str:
 def leftovers(root) -> list[str]:
     """Temporary files or folders lite may have left anywhere under `root`."""
     return [str(p) for p in root.rglob("*") if ".tmp" in p.name or ".old-" in p.name]
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 def save_tiny(folder, model_type="llama", **overrides):
@@ -85,29 +91,25 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path, capsys):
     assert not work.exists()
 
 
-def test_statistics_from_a_model_of_another_width(tmp_path, capsys):
-    """Same linear names (qwen2 and llama blocks look alike), other width: no manifest, so the
-    statistics check itself must catch it."""
+@pytest.mark.parametrize("foreign", ["narrower model", "fewer layers"])
+def test_statistics_without_a_record_are_recomputed_not_trusted(tmp_path, capsys, foreign):
+    """A statistics file lite has no record of (copied in, or left by a run killed before the manifest
+    write) is never used: lite says so in one line, calibrates again and records the truth."""
     work = tmp_path / "work"
     work.mkdir()
-    narrow = build_tiny("qwen2", hidden_size=32, intermediate_size=48, head_dim=4)
-    torch.save(stats_of(narrow), work / "inputs_stats.pth")
+    other = (build_tiny("qwen2", hidden_size=32, intermediate_size=48, head_dim=4) if foreign == "narrower model"
+             else build_tiny("llama", num_hidden_layers=1))
+    torch.save(stats_of(other), work / "inputs_stats.pth")
 
-    message = lite_error(capsys, "smooth", "tiny:llama", "--work-dir", work, *CALIB)
+    main(["smooth", "tiny:llama", "--work-dir", str(work), *CALIB])
 
-    assert "another model" in message and "inputs_stats.pth" in message and "(32,)" in message
-    assert sorted(os.listdir(work)) == ["inputs_stats.pth"]
-
-
-def test_statistics_with_missing_layers(tmp_path, capsys):
-    work = tmp_path / "work"
-    work.mkdir()
-    torch.save(stats_of(build_tiny("llama", num_hidden_layers=1)), work / "inputs_stats.pth")
-
-    message = lite_error(capsys, "smooth_quant", "tiny:llama", "--work-dir", work, *CALIB)
-
-    assert "lacks statistics" in message and "model.layers.1." in message
-    assert sorted(os.listdir(work)) == ["inputs_stats.pth"]
+    out = capsys.readouterr().out
+    assert "inputs_stats.pth has no record" in out and "calibrating again" in out
+    stats = torch.load(work / "inputs_stats.pth", weights_only=True)
+    assert stats["absmax"]["model.layers.1.mlp.down_proj"].shape == (96,)
+    manifest = json.loads((work / "lite_manifest.json").read_text())
+    assert manifest["artifacts"]["statistics"]["calib_samples"] == 4
+    assert manifest["artifacts"]["statistics"]["files"]["inputs_stats.pth"] == sha256(work / "inputs_stats.pth")
 
 
 def test_work_dir_of_another_model(tmp_path, capsys):
@@ -153,18 +155,23 @@ def test_nan_weights_caught_while_calibrating(tmp_path, capsys):
     assert leftovers(tmp_path) == []
 
 
-def test_nan_in_statistics_names_module_and_channel(tmp_path, capsys):
-    """Statistics made by lite with the same settings (so they are reused), then corrupted."""
+def test_statistics_changed_since_lite_wrote_them_are_recomputed(tmp_path, capsys):
+    """Statistics made by lite with the same settings, then edited (a NaN written in): their hash no longer
+    matches the record, so they are made again instead of being used."""
     work = tmp_path / "work"
     main(["calibrate", "tiny:llama", "--work-dir", str(work), *CALIB])
+    original = (work / "inputs_stats.pth").read_bytes()
     stats = torch.load(work / "inputs_stats.pth", weights_only=True)
     stats["absmax"]["model.layers.0.mlp.down_proj"][11] = float("nan")
     torch.save(stats, work / "inputs_stats.pth")
+    capsys.readouterr()
 
-    message = lite_error(capsys, "smooth", "tiny:llama", "--work-dir", work, *CALIB)
+    main(["smooth", "tiny:llama", "--work-dir", str(work), *CALIB])
 
-    assert "model.layers.0.mlp.down_proj" in message and "channel 11" in message and "nan" in message
-    assert not (work / "migration_scales.pth").exists()
+    assert "changed since lite wrote them; calibrating again" in capsys.readouterr().out
+    assert (work / "inputs_stats.pth").read_bytes() == original  # made again, byte for byte
+    assert torch.isfinite(torch.load(work / "migration_scales.pth", weights_only=True)[
+        "model.layers.0.mlp.down_proj"]).all()
 
 
 def test_calibration_text_too_short(tmp_path, capsys):

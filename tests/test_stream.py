@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from lite import pipeline, stream
+from lite.folders import MARKER
 from lite.model import build_tiny, byte_tokenizer, load_model, weights_hash
 from lite.pipeline import CalibSettings, SmoothSettings
 from lite.shards import ShardReader, ShardWriter
@@ -37,6 +38,10 @@ def assert_same_folders(a, b):
     assert sorted(os.listdir(a)) == sorted(os.listdir(b))
     assert any(name.endswith(".safetensors") for name in os.listdir(a))
     for name in os.listdir(a):
+        if name == MARKER:  # names its own work dir; the settings it records must agree
+            markers = [json.load(open(os.path.join(folder, name))) for folder in (a, b)]
+            assert markers[0]["export"] == markers[1]["export"] and markers[0]["work_dir"] != markers[1]["work_dir"]
+            continue
         with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
             assert fa.read() == fb.read(), f"{name} differs"
 
