@@ -21,11 +21,12 @@ from lite.smooth import fold_scales_, migration_scales
 # Folded and migration-scale exports differ only in where 1/s is applied (norm weight and V rows
 # vs. the QLinear input), i.e. in fp32 rounding. That rounding can flip an occasional round-to-nearest
 # decision of the activation quantizer by one step, so the two may differ by a step here and there,
-# but only by a small fraction of the total quantization error (measured: under 0.01% of it on the
-# tiny models). A wrong migration scale (missing, applied twice, on the wrong side) changes the
-# quantization error itself and gives a difference comparable to it (the unsmoothed control below
-# differs by about 140% of it). 1% sits far from both.
+# but only at a few positions and by a fraction of the quantization error there. A wrong migration
+# scale (missing, applied twice, on the wrong side) changes the quantization error itself at every
+# position (the unsmoothed control below differs by about 140% of it). Median over positions of the
+# difference / quantization error: at most MIGRATION_VS_FOLDED; over all positions: ROUNDING_FLIPS.
 MIGRATION_VS_FOLDED = 0.01
+ROUNDING_FLIPS = 0.25
 
 
 def smoothing_scales(model, tokens, alpha=0.5, w_stat="lmdeploy", cached=True):
@@ -88,11 +89,17 @@ def test_migration_scale_export_matches_the_folded_export(tiny_model, tokens, tm
     migration = logits(export_and_reload(quantized_copy(tiny_model, scales, True), tmp_path / "migration"), tokens)
     unsmoothed = logits(export_and_reload(quantized_copy(tiny_model, None, False), tmp_path / "rtn"), tokens)
 
-    quantization_error = (folded - reference).norm()
-    assert quantization_error > 0
-    assert (migration - folded).norm() <= MIGRATION_VS_FOLDED * quantization_error
-    # Control: a different quantized model (no smoothing) is far outside that tolerance.
-    assert (unsmoothed - folded).norm() > 4 * MIGRATION_VS_FOLDED * quantization_error
+    # Per position (batch, seq): the two exports agree up to fp32 reordering (measured median 2e-5 of the
+    # quantization error over 6 types x 3 seeds), except where reordering flips an int8 rounding: then one
+    # position differs by a fraction of the quantization error (measured up to 0.097 of it in total).
+    error = (folded - reference).norm(dim=-1).flatten()
+    apart = (migration - folded).norm(dim=-1).flatten()
+    assert error.min() > 0
+    assert (apart / error).median() <= MIGRATION_VS_FOLDED
+    assert apart.norm() <= ROUNDING_FLIPS * error.norm()
+    # Control: a different quantized model (no smoothing) is far outside both (measured median >= 1.38).
+    control = (unsmoothed - folded).norm(dim=-1).flatten()
+    assert (control / error).median() > 50 * MIGRATION_VS_FOLDED and control.norm() > 2 * ROUNDING_FLIPS * error.norm()
 
 
 def test_weights_dequantize_within_half_a_step_of_the_smoothed_weights(tiny_model, tokens):
