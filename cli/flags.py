@@ -71,7 +71,7 @@ def _convert(flag: str, text: str, annotation) -> object:
 
 def _suggestion(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    return f"; did you mean {kebab(close[0])}?" if close else f"; `lite COMMAND --help` lists the flags"
+    return f"; did you mean {kebab(close[0])}?" if close else ""
 
 
 def parse(command: str, fn, args: list[str]) -> tuple[list[str], dict, set[str]]:
@@ -98,7 +98,8 @@ def parse(command: str, fn, args: list[str]) -> tuple[list[str], dict, set[str]]
                 global_flags.add(key)
                 continue
             if key not in flags:
-                raise LiteError(f"unknown flag --{name} for `lite {command}`{_suggestion(key, flags)}")
+                hint = _suggestion(key, flags) or f"; `lite {command} --help` lists the flags"
+                raise LiteError(f"unknown flag --{name} for `lite {command}`{hint}")
             annotation = hints.get(key, str)
             if annotation is bool:
                 if has_value:

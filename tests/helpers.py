@@ -1,12 +1,15 @@
 """Plain helpers the tests import (`from helpers import ...`); fixtures live in conftest.py."""
 
 import functools
+import hashlib
 
+import pytest
 import torch
 
 from lite.archs import ARCHS
 from lite.calibrate import collect_statistics
-from lite.model import build_tiny, decoder_blocks
+from lite.cli.main import main
+from lite.model import build_tiny, byte_tokenizer, decoder_blocks
 
 
 def logits(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -49,3 +52,32 @@ def tiny_absmax(model_type: str) -> dict[str, torch.Tensor]:
     """`input_absmax(build_tiny(model_type), random_tokens())`, computed once per session (both are
     deterministic); a fresh copy each call so that no test can change another's statistics."""
     return {k: v.clone() for k, v in _tiny_absmax(model_type).items()}
+
+
+def lite_error(capsys, *args) -> str:
+    """Run the CLI expecting a LiteError: exit code 2 and exactly one `lite: error:` line, the last."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = err.rstrip("\n").split("\n")
+    assert lines[-1].startswith("lite: error: "), err
+    assert sum(line.startswith("lite: error:") for line in lines) == 1, err
+    return lines[-1].removeprefix("lite: error: ")
+
+
+def leftovers(root) -> list[str]:
+    """Temporary files or folders lite may have left anywhere under `root`."""
+    return [str(p) for p in root.rglob("*") if ".tmp" in p.name or ".old-" in p.name]
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def save_tiny(folder, model_type="llama", **overrides):
+    model = build_tiny(model_type, **overrides)
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return model

@@ -4,14 +4,13 @@ Each case is crafted so that the check it names is the one that fires (e.g. a fo
 file without a manifest reaches the statistics check; with a manifest, the manifest check fires).
 """
 
-import hashlib
 import json
 import os
 
 import pytest
 import torch
 
-from helpers import arch_of, random_tokens
+from helpers import arch_of, leftovers, lite_error, random_tokens, save_tiny, sha256
 from lite.archs import ARCHS
 from lite.calibrate import collect_statistics
 from lite.cli.main import main
@@ -20,35 +19,6 @@ from lite.export import load_quantized, quantize_model_, write_checkpoint
 from lite.model import build_tiny, byte_tokenizer
 
 CALIB = ["--calib-dataset", "sample", "--calib-samples", "4", "--calib-seqlen", "64", "--device", "cpu"]
-
-
-def lite_error(capsys, *args) -> str:
-    """Run the CLI expecting a LiteError: exit code 2 and exactly one `lite: error:` line, the last."""
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = err.rstrip("\n").split("\n")
-    assert lines[-1].startswith("lite: error: "), err
-    assert sum(line.startswith("lite: error:") for line in lines) == 1, err
-    return lines[-1].removeprefix("lite: error: ")
-
-
-def leftovers(root) -> list[str]:
-    """Temporary files or folders lite may have left anywhere under `root`."""
-    return [str(p) for p in root.rglob("*") if ".tmp" in p.name or ".old-" in p.name]
-
-
-def sha256(path) -> str:
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
-
-
-def save_tiny(folder, model_type="llama", **overrides):
-    model = build_tiny(model_type, **overrides)
-    model.save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
-    return model
 
 
 def stats_of(model) -> dict:
