@@ -6,6 +6,7 @@ file without a manifest reaches the statistics check; with a manifest, the manif
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -230,3 +231,199 @@ def test_loading_a_float_folder_as_quantized_is_a_lite_error(tmp_path):
         load_quantized(str(tmp_path / "float"))
     with pytest.raises(LiteError, match="no config.json"):
         load_quantized(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------- bad inputs of issue 8
+
+def broken_safetensors(folder, how: str) -> None:
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"",
+                      "random": os.urandom(4096), "bad header": (40).to_bytes(8, "little") + b"{" * 40}[how])
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "random", "bad header"])
+@pytest.mark.parametrize("command", ["smooth_quant", "eval"])
+def test_broken_safetensors_file(tmp_path, capsys, how, command):
+    folder, work = tmp_path / "model", tmp_path / "work"
+    save_tiny(folder)
+    broken_safetensors(folder, how)
+    args = ["--work-dir", work, *CALIB] if command == "smooth_quant" else ["--dataset", "sample", "--device", "cpu"]
+
+    message = lite_error(capsys, command, folder, *args)
+
+    assert "model.safetensors" in message and "re-download" in message
+    assert not work.exists()
+
+
+@pytest.mark.parametrize("model_type", [None, "no-such-type"])
+def test_config_without_a_known_model_type(tmp_path, capsys, model_type):
+    folder, work = tmp_path / "model", tmp_path / "work"
+    save_tiny(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("model_type")
+    if model_type:
+        config["model_type"] = model_type
+    (folder / "config.json").write_text(json.dumps(config))
+
+    message = lite_error(capsys, "smooth_quant", folder, "--work-dir", work, *CALIB)
+
+    assert "config.json" in message and "llama" in message
+    assert not work.exists()
+
+
+def test_missing_tokenizer_files(tmp_path, capsys):
+    folder, work = tmp_path / "model", tmp_path / "work"
+    save_tiny(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+
+    message = lite_error(capsys, "smooth_quant", folder, "--work-dir", work, *CALIB)
+
+    assert "no usable tokenizer" in message and "sentencepiece" not in message
+    assert not work.exists()
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("latin1.txt", "Once upon a time, café".encode("latin-1") * 400, "not UTF-8"),
+    ("rows.jsonl", b'{"text": "fine"}\n{not json}\n', "line 2 is not JSON"),
+    ("rows.jsonl", b'{"text": "fine"}\n["a list"]\n', "line 2 has no 'text'"),
+    ("table.parquet", b"PAR1 but not really a parquet file", "could not be read as parquet"),
+    ("notes.docx", b"whatever", "unsupported text file type"),
+])
+def test_malformed_calibration_files(tmp_path, capsys, name, content, expected):
+    text, work = tmp_path / name, tmp_path / "work"
+    text.write_bytes(content)
+
+    message = lite_error(capsys, "calibrate", "tiny:llama", "--work-dir", work, "--calib-dataset", text,
+                         "--calib-samples", 2, "--calib-seqlen", 16, "--device", "cpu")
+
+    assert str(text) in message and expected in message
+    assert not work.exists()
+
+
+def test_default_dataset_unreachable(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    message = lite_error(capsys, "calibrate", "tiny:llama", "--work-dir", tmp_path / "work", "--calib-samples", 2,
+                         "--calib-seqlen", 16, "--device", "cpu")
+    assert "wikitext" in message and "--calib-dataset" in message and "sample" in message
+
+
+def test_work_dir_that_is_a_file(tmp_path, capsys):
+    work = tmp_path / "work"
+    work.write_text("a file")
+    message = lite_error(capsys, "calibrate", "tiny:llama", "--work-dir", work, *CALIB)
+    assert "is a file" in message and work.read_text() == "a file"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_work_dir_is_refused_before_calibrating(tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    work.chmod(0o555)
+    try:
+        message = lite_error(capsys, "calibrate", "tiny:llama", "--work-dir", work, *CALIB)
+    finally:
+        work.chmod(0o755)
+    assert "not writable" in message and os.listdir(work) == []
+
+
+def test_not_enough_disk_space_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    work = tmp_path / "work"
+
+    message = lite_error(capsys, "smooth_quant", "tiny:llama", "--work-dir", work, *CALIB)
+
+    assert "not enough free disk space" in message and "1000" not in message and "GB free" in message
+    assert not work.exists()
+
+
+def test_disk_full_while_writing_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from lite import shards
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards, "_pwrite_all", full)
+    work = tmp_path / "work"
+
+    message = lite_error(capsys, "smooth_quant", "tiny:llama", "--work-dir", work, *CALIB)
+
+    assert "disk is full" in message
+    assert not (work / "quantized").exists() and leftovers(tmp_path) == []
+
+
+def test_corrupt_manifest(tmp_path, capsys):
+    work = tmp_path / "work"
+    main(["calibrate", "tiny:llama", "--work-dir", str(work), *CALIB])
+    (work / "lite_manifest.json").write_text('{"model": ')
+
+    message = lite_error(capsys, "smooth", "tiny:llama", "--work-dir", work, *CALIB)
+
+    assert "lite_manifest.json is corrupt" in message and "delete it" in message
+
+
+@pytest.mark.parametrize("path", ["./no-such-model", "models/mistyped-name"])
+def test_mistyped_local_path_is_not_tried_on_the_hub(tmp_path, capsys, monkeypatch, path):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+
+    message = lite_error(capsys, "smooth_quant", path, "--work-dir", tmp_path / "work", *CALIB)
+
+    assert path in message and "does not exist" in message
+    assert time.perf_counter() - start < 20  # no hub retries (they took ~23 s)
+
+
+def test_calib_seqlen_beyond_the_models_positions(tmp_path, capsys):
+    message = lite_error(capsys, "smooth_quant", "tiny:llama", "--work-dir", tmp_path / "work",
+                         "--calib-dataset", "sample", "--calib-samples", 1, "--calib-seqlen", 2048, "--device", "cpu")
+    assert "--calib-seqlen 2048" in message and "max_position_embeddings (512)" in message
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "loaded"])
+def test_nan_in_an_embedding_row(tmp_path, capsys, streamed):
+    folder, work = tmp_path / "model", tmp_path / "work"
+    model = build_tiny("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[77, 3] = float("nan")
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    args = ["smooth_quant", folder, "--work-dir", work, *CALIB]
+    if not streamed:
+        args += ["--format", "compressed-tensors"]  # loads the model
+
+    message = lite_error(capsys, *args)
+
+    assert "model.embed_tokens.weight" in message and "row 77" in message and "nan" in message
+    assert not (work / "quantized").exists() and leftovers(tmp_path) == []
+
+
+def test_inf_in_q_proj_is_named_q_proj(tmp_path, capsys):
+    """The defect: the forward ran before the check, and the Inf surfaced later under gate_proj."""
+    folder, work = tmp_path / "model", tmp_path / "work"
+    model = build_tiny("llama")
+    with torch.no_grad():
+        model.get_submodule("model.layers.0.self_attn.q_proj").weight[2, 5] = float("inf")
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+
+    message = lite_error(capsys, "smooth_quant", folder, "--work-dir", work, *CALIB)
+
+    assert "model.layers.0.self_attn.q_proj" in message and "inf" in message
+
+
+def test_export_without_scales_says_so(tmp_path, capsys):
+    main(["export", "tiny:llama", "--work-dir", str(tmp_path / "work")])
+    out = capsys.readouterr().out
+    assert "no migration_scales.pth" in out and "without SmoothQuant" in out
+    capsys.readouterr()
+    main(["export", "tiny:llama", "--work-dir", str(tmp_path / "work"), "--no-smooth"])
+    assert "without SmoothQuant" not in capsys.readouterr().out
