@@ -124,6 +124,13 @@ def attach_observers(block: nn.Module, prefix: str, arch: Arch):
     return observed_in, observed_out, handles
 
 
+def show_tokens_per_second(bar, tokens: torch.Tensor | None, blocks_done: int) -> None:
+    """Calibration tokens pushed through blocks per second, on a block progress bar."""
+    elapsed = bar.format_dict.get("elapsed") or 0.0
+    if tokens is not None and elapsed > 0:
+        bar.set_postfix_str(f"{tokens.numel() * blocks_done / elapsed:.0f} tokens/s")
+
+
 @contextmanager
 def removing(handles):
     """Remove hook handles when the block is done, also when it raised."""
@@ -153,11 +160,12 @@ def collect_statistics(model: nn.Module, arch: Arch, tokens: torch.Tensor, batch
     """
     inputs = {k: {} for k in STATS}
     outputs = {k: {} for k in STATS}
+    blocks = decoder_blocks(model, arch)
+    bar = tqdm(blocks.items(), desc="calibrate", unit="block", disable=not progress)
     move_outside_blocks_(model, arch, device)
     try:
         hidden, kwargs = capture_block_inputs(model, arch, tokens, batch_size, device)
-        blocks = decoder_blocks(model, arch)
-        for prefix, block in tqdm(blocks.items(), desc="calibrate", unit="block", disable=not progress):
+        for i, (prefix, block) in enumerate(bar):
             for name, p in block.named_parameters():  # a NaN weight would surface as a NaN statistic
                 check_finite(f"{prefix}.{name}", p.detach(), "weight")
             block.to(device)
@@ -168,6 +176,8 @@ def collect_statistics(model: nn.Module, arch: Arch, tokens: torch.Tensor, batch
             finally:
                 block.to("cpu")
             store_statistics(observed_in, observed_out, inputs, outputs)
+            show_tokens_per_second(bar, tokens, i + 1)
     finally:
+        bar.close()
         move_outside_blocks_(model, arch, "cpu")
     return inputs, outputs

@@ -32,7 +32,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from lite.archs import arch_for, quantized_linears
-from lite.calibrate import attach_observers, capture_block_inputs, removing, store_statistics
+from lite.calibrate import attach_observers, capture_block_inputs, removing, show_tokens_per_second, store_statistics
 from lite.data import calibration_tokens
 from lite.errors import LiteError
 from lite.export import parse_size, quantization_config, quantize_block_, write_model_files
@@ -337,6 +337,7 @@ def walk_blocks(sm: StreamedModel, timer: _Timer, tokens: torch.Tensor | None = 
         tail_names = [n for n in (f"{arch.final_norm}.weight", f"{arch.lm_head}.weight") if n in writer.where]
     pending = read_ahead(fetch, prefixes[0])
     hidden, kwargs, pinned = [], [], None
+    progress = tqdm(prefixes, desc="blocks", unit="block", dynamic_ncols=True)
     try:
         if tokens is not None or writer is not None:
             # The embeddings (1 GB and more) pass through CPU memory a chunk of rows at a time: to the
@@ -369,8 +370,6 @@ def walk_blocks(sm: StreamedModel, timer: _Timer, tokens: torch.Tensor | None = 
             _set_tensor(model, embed_name, torch.empty(embed_shape, dtype=sm.dtype, device="meta"), parameter=True)
             timer.lap("capture")
 
-        tokens_per_block = 0 if tokens is None else tokens.numel()
-        progress = tqdm(prefixes, desc="blocks", unit="block", dynamic_ncols=True)
         for i, prefix in enumerate(progress):
             weights = pending.result()
             if i + 1 < len(prefixes):
@@ -423,10 +422,7 @@ def walk_blocks(sm: StreamedModel, timer: _Timer, tokens: torch.Tensor | None = 
                 del outputs
             block.to("meta")
             timer.lap("write")
-            if tokens_per_block:
-                progress.set_postfix_str(f"{tokens_per_block * (i + 1) / progress.format_dict['elapsed']:.0f} tokens/s"
-                                         if progress.format_dict["elapsed"] else "")
-        progress.close()
+            show_tokens_per_second(progress, tokens, i + 1)
         del hidden, kwargs, pinned
         if pending is not None:
             pending.result()
@@ -437,6 +433,7 @@ def walk_blocks(sm: StreamedModel, timer: _Timer, tokens: torch.Tensor | None = 
             model.config.quantization_config = quantization_config(export.quant_dtype, export.export_migration_scale)
             write_model_files(out_folder, model.config, sm.dtype, sm.tokenizer, sm.folder)
     finally:
+        progress.close()
         read_pool.shutdown(wait=True, cancel_futures=True)
         write_pool.shutdown(wait=True)
         if hasattr(model.config, "quantization_config"):
