@@ -111,14 +111,18 @@ def _parquet_text(path: str) -> str:
     return "\n\n".join(t for t in ds["text"] if isinstance(t, str) and t)
 
 
+def check_dataset(dataset: str, eval_split: bool = False) -> None:
+    """Refuse, before any work, a dataset that is neither a known name nor an existing file."""
+    table = EVAL_DATASETS if eval_split else DATASETS
+    if dataset not in table and dataset != RANDOM and not os.path.isfile(str(dataset)):
+        raise LiteError(f"dataset {dataset!r} is neither a file nor one of: {', '.join(table)}")
+
+
 def load_text(dataset: str, eval_split: bool = False) -> str:
     """The text of a named dataset or a local file."""
+    check_dataset(dataset, eval_split)
     table = EVAL_DATASETS if eval_split else DATASETS
-    if dataset in table:
-        return table[dataset]()
-    if os.path.isfile(dataset):
-        return read_text_file(dataset)
-    raise LiteError(f"dataset {dataset!r} is neither a file nor one of: {', '.join(table)}")
+    return table[dataset]() if dataset in table else read_text_file(dataset)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

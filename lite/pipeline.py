@@ -15,7 +15,7 @@ import torch
 
 from lite.archs import quantized_linears
 from lite.calibrate import STATS, collect_statistics
-from lite.data import calibration_tokens, data_fingerprint
+from lite.data import calibration_tokens, check_dataset, data_fingerprint
 from lite.errors import LiteError
 from lite.export import parse_size
 from lite.folders import check_out_dir, remove_debris
@@ -37,6 +37,7 @@ class CalibSettings:
     seed: int = 0
 
     def __post_init__(self):
+        check_dataset(self.calib_dataset)
         if not (isinstance(self.calib_samples, int) and self.calib_samples >= 1):
             raise LiteError(f"--calib-samples must be a positive integer, got {self.calib_samples!r}")
         if not (isinstance(self.calib_seqlen, int) and self.calib_seqlen >= 2):
@@ -171,7 +172,8 @@ def resolve_calib(work_path: str, calib, from_record: bool = True) -> CalibSetti
     taken = {k: recorded[k] for k in asdict(CalibSettings()) if k not in given and k in recorded}
     settings = CalibSettings(**{**taken, **given})
     if taken:
-        print(f"calibration settings as recorded for {work_path}'s statistics: {describe_calib(settings)}")
+        flags = ", ".join("--" + k.replace("_", "-") for k in taken)
+        print(f"{flags} as recorded for the statistics in {work_path}: calibration on {describe_calib(settings)}")
     return settings
 
 

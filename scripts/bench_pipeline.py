@@ -31,7 +31,7 @@ HWM = ("import atexit; atexit.register(lambda: print('VmHWM_kB', "
        "open('/proc/self/status').read().split('VmHWM:')[1].split()[0]))")
 # Everything the run imports, lazily loaded transformers modules included; the lite child times these
 # imports itself (same page-cache state as its run) and prints `imports_s`.
-IMPORTS = ("import torch, transformers, fire; import lite.pipeline, lite.stream; from cli.main import main; "
+IMPORTS = ("import torch, transformers; import lite.pipeline, lite.stream; from cli.main import main; "
            "from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast; "
            "import transformers.models.llama.modeling_llama")
 CLI = (HWM + "; import sys, time; _t = time.perf_counter(); " + IMPORTS +
@@ -191,7 +191,7 @@ def main():
     cold = drop_caches() if args.drop_caches else False
     argv = [sys.executable, "-c", CLI, "smooth_quant", model, "--work-dir", work, "--calib-dataset", "random",
             "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen), "--device", args.device,
-            "--batch-size", str(args.batch_size), "--max-gpu-memory", args.max_gpu_memory]
+            "--batch-size", str(args.batch_size), "--max-gpu-memory", args.max_gpu_memory, "--verbose"]
     wall, rss, output = run_child(argv)
     timings = next(line for line in output.splitlines() if line.startswith("timings "))
     import_wall = float(next(line for line in output.splitlines() if line.startswith("imports_s ")).split()[1])
