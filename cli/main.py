@@ -12,7 +12,7 @@ import signal
 import sys
 
 from lite import __version__, folders, pipeline
-from lite.cli.flags import parse, render_help
+from .flags import parse, render_help
 from lite.errors import LiteError
 from lite.observers import ActSettings
 from lite.pipeline import CalibSettings, SmoothSettings

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from lite.archs import ARCHS, Arch, arch_for
 from lite.errors import LiteError
+from lite.quant import all_finite
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TINY_PREFIX = "tiny:"
@@ -134,6 +135,8 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 def check_finite_tensor(name: str, t: torch.Tensor, row_start: int = 0) -> None:
     """Refuse NaN/Inf in a weight outside the blocks (embeddings, final norm, lm_head), naming the row
     (`t` may be rows `row_start...` of the weight)."""
+    if all_finite(t):
+        return
     bad = ~torch.isfinite(t)
     if bad.any():
         index = tuple(i.item() for i in bad.nonzero()[0])

@@ -60,3 +60,12 @@ def row_chunks(rows: int, in_features: int, start: int = 0) -> list[slice]:
     `CHUNK_ELEMENTS` elements each: for row-wise work whose fp32 temporaries must stay small."""
     step = max(1, CHUNK_ELEMENTS // max(1, in_features))
     return [slice(i, min(i + step, start + rows)) for i in range(start, start + rows, step)]
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t`. One fp32 sum decides in the common case (a NaN or Inf anywhere makes it
+    non-finite); only when it is not finite, which a finite tensor of huge values can also cause, is
+    every element checked."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())

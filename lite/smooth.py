@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from lite.archs import Arch, LinearPair, kv_group_index
 from lite.errors import LiteError
-from lite.quant import CHUNK_ELEMENTS, row_chunks
+from lite.quant import CHUNK_ELEMENTS, all_finite, row_chunks
 
 # The smallest factor we allow: a dead channel (max|X_j| = 0) must not turn into a division by 0.
 MIN_SCALE = 1e-5
@@ -74,6 +74,8 @@ def smoothing_factors(act_absmax: torch.Tensor, w_stat: torch.Tensor, alpha: flo
 
 def check_finite(fqn: str, t: torch.Tensor, what: str) -> None:
     """Raise naming the module and the first bad channel when `t` holds NaN or Inf."""
+    if all_finite(t):
+        return
     bad = ~torch.isfinite(t)
     if bad.any():
         index = tuple(i.item() for i in bad.nonzero()[0])

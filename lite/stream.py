@@ -347,12 +347,15 @@ def walk_blocks(sm: StreamedModel, timer: _Timer, tokens: torch.Tensor | None = 
             embed = torch.empty(embed_shape, dtype=sm.dtype, device=device) if tokens is not None else None
             for rows in row_chunks(*embed_shape):
                 part = reader.read_rows(embed_name, rows.start, rows.stop).to(sm.dtype)  # (rows, hidden)
-                check_finite_tensor(embed_name, part, rows.start)
+                if embed is None:  # else checked once on the device below
+                    check_finite_tensor(embed_name, part, rows.start)
                 if writer is not None:
                     writer.write(embed_name, part, row_start=rows.start)
                 if embed is not None:
                     embed[rows] = part.to(device)
             del part
+            if embed is not None:
+                check_finite_tensor(embed_name, embed)
         if tokens is not None:
             # Block 0's inputs: the model's own forward up to the first block (embeddings, rotary tables, masks).
             _set_tensor(model, embed_name, embed, parameter=True)

@@ -91,3 +91,18 @@ def test_zero_absmax_gives_scale_one():
     scale = symmetric_scale(torch.tensor([0.0, 254.0]), INT8)
 
     assert scale.tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_finds_one_bad_element_and_accepts_huge_finite_values(dtype):
+    from lite.quant import all_finite
+
+    x = torch.randn(64, 33).to(dtype)
+    assert all_finite(x)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[17, 5] = bad
+        assert not all_finite(y)
+    huge = torch.full((8, 8), torch.finfo(dtype).max, dtype=dtype)  # its sum overflows, yet nothing is bad
+    assert all_finite(huge)
+    assert all_finite(torch.empty(0, 4, dtype=dtype)) and all_finite(torch.ones(3, dtype=torch.int8))
