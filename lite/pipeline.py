@@ -148,7 +148,7 @@ def check_seqlen(config, calib: CalibSettings) -> None:
 
 def describe_calib(calib: CalibSettings) -> str:
     return (f"{calib.calib_samples} x {calib.calib_seqlen} tokens of {os.path.basename(str(calib.calib_dataset))}"
-            f" (seed {calib.seed})")
+            f", seed {calib.seed}")
 
 
 def calib_record(calib: CalibSettings, dtype: str) -> dict:

@@ -128,7 +128,7 @@ def test_smooth_reuses_the_statistics_calibrate_made_with_custom_data(tmp_path, 
 
     out = capsys.readouterr().out
     assert "--calib-dataset, --calib-samples, --calib-seqlen, --seed as recorded" in out
-    assert "4 x 64 tokens of sample (seed 0)" in out
+    assert "4 x 64 tokens of sample, seed 0" in out
     assert "reusing" in out and "inputs_stats.pth" in out
     assert all(snapshot(work)[name] == stats[name] for name in ("inputs_stats.pth", "outputs_stats.pth"))
     assert manifest(work)["artifacts"]["migration_scales"]["calib_dataset"] == "sample"
