@@ -204,22 +204,26 @@ def smooth_quant(model: str, work_dir: str = None, recipe: str = None, quant_dty
                           no_smooth, max_gpu_memory)
 
 
-def eval(*models: str, dataset: str = "wikitext2", seqlen: int = 512, samples: int = None, batch_size: int = 8,
+def eval(*models: str, dataset: str = "wikitext2", seqlen: int = 512, max_windows: int = None, batch_size: int = 8,
          device: str = None, json_out: str = None):
-    """Perplexity of float models and lite checkpoints, side by side, relative to the first model.
+    """Perplexity of float models and lite checkpoints side by side, and how close each one's next-token
+    distribution stays to the first model's: the mean KL divergence from it (10^-3 nats per scored token)
+    and the top-1 agreement with it, on the same windows. Name the float model first. Judge a
+    quantized model by KL rather than perplexity: a quantization error that flattens the predictions
+    can lower perplexity on a small model, never KL.
 
     Args:
         models: model folders, hub ids, tiny:<model_type> names, or folders lite exported.
         dataset: wikitext2, c4, ptb (their test splits), sample, or a .txt/.jsonl/.parquet file.
         seqlen: tokens per window, BOS included; every token after BOS is scored.
-        samples: use at most this many windows (default: the whole text).
+        max_windows: use at most this many windows, the first ones of the text (default: the whole text).
         batch_size: windows per forward call.
         device: cuda (default when available) or cpu.
         json_out: also write the table to this JSON file.
     """
     from lite.eval import evaluate
 
-    evaluate(list(models), dataset, seqlen, samples, batch_size, device, json_out)
+    evaluate(list(models), dataset, seqlen, max_windows, batch_size, device, json_out)
 
 
 COMMANDS = {"calibrate": calibrate, "smooth": smooth, "export": export, "smooth_quant": smooth_quant, "eval": eval}

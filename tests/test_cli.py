@@ -237,7 +237,7 @@ def test_eval_reports_perplexity_of_float_and_quantized_models(tmp_path):
     work, report = tmp_path / "work", tmp_path / "ppl.json"
     lite("smooth_quant", "tiny:llama", "--work-dir", work, *CALIB)
 
-    lite("eval", "tiny:llama", work / "quantized", "--dataset", "sample", "--seqlen", 64, "--samples", 8,
+    lite("eval", "tiny:llama", work / "quantized", "--dataset", "sample", "--seqlen", 64, "--max-windows", 8,
          "--device", "cpu", "--json-out", report)
 
     rows = json.loads(report.read_text())

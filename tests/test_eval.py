@@ -59,3 +59,42 @@ def test_eval_table_json_and_float_row(tmp_path, capsys):
     assert all(abs(r["relative_change_pct"]) < 5 for r in rows)  # int8 on a random model: near the float row
     with open(json_out) as f:
         assert json.load(f) == rows
+
+
+def direct_fidelity(reference, model, tokenizer, text: str) -> tuple[float, float]:
+    """(mean KL(P_reference || Q_model) per scored token, top-1 agreement), written out with plain sums
+    over probabilities, independently of lite.eval."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    body, kl, agree, count = SEQLEN - 1, 0.0, 0, 0
+    for i in range(SAMPLES):
+        window = torch.tensor([tokenizer.bos_token_id] + ids[i * body:(i + 1) * body])[None]
+        with torch.no_grad():
+            p = torch.softmax(reference(input_ids=window).logits.double()[0, :-1], dim=-1)  # (SEQLEN - 1, vocab)
+            q = torch.softmax(model(input_ids=window).logits.double()[0, :-1], dim=-1)
+        kl += (p * (p.log() - q.log())).sum().item()
+        agree += (p.argmax(-1) == q.argmax(-1)).sum().item()
+        count += body
+    return kl / count, agree / count
+
+
+def test_eval_reports_kl_and_top1_agreement_against_the_first_model(tmp_path):
+    tokenizer = byte_tokenizer()
+    float_dir, q_dir, other_dir = (str(tmp_path / n) for n in ("float", "q", "other"))
+    reference = build_tiny("llama")
+    reference.save_pretrained(float_dir)
+    tokenizer.save_pretrained(float_dir)
+    write_checkpoint(quantize_model_(build_tiny("llama"), "int8", None, False, progress=False), tokenizer, None, q_dir)
+    build_tiny("llama", seed=1).save_pretrained(other_dir)  # a different model altogether: far from the reference
+    tokenizer.save_pretrained(other_dir)
+    with open(SAMPLE_TEXT, encoding="utf-8") as f:
+        text = f.read()
+
+    rows = evaluate([float_dir, q_dir, other_dir], SAMPLE_TEXT, SEQLEN, SAMPLES, 4, "cpu", None)
+
+    assert rows[0]["kl"] == 0.0 and rows[0]["top1_agreement"] == 1.0
+    from lite.export import load_quantized
+
+    kl, agree = direct_fidelity(reference, load_quantized(q_dir), tokenizer, text)
+    assert math.isclose(rows[1]["kl"], kl, rel_tol=1e-3) and rows[1]["top1_agreement"] == agree
+    assert 0 < rows[1]["kl"] < 0.01 * rows[2]["kl"]  # int8 of the same model is far closer than another model
+    assert rows[2]["top1_agreement"] < rows[1]["top1_agreement"]
