@@ -46,6 +46,21 @@ class RunningStats:
             self.abssum += abstotal
         self.count += x.shape[0]
 
+    def merge(self, other: "RunningStats") -> None:
+        """Fold in the statistics of other tokens: the same as one RunningStats over both."""
+        if other.count == 0:
+            return
+        if self.count == 0:
+            self.max, self.min, self.sum, self.abssum, self.absmax = (
+                t.clone() for t in (other.max, other.min, other.sum, other.abssum, other.absmax))
+        else:
+            torch.maximum(self.max, other.max, out=self.max)
+            torch.minimum(self.min, other.min, out=self.min)
+            torch.maximum(self.absmax, other.absmax, out=self.absmax)
+            self.sum += other.sum
+            self.abssum += other.abssum
+        self.count += other.count
+
     def result(self) -> dict[str, torch.Tensor]:
         """fp32 CPU tensors; means are weighted by token count."""
         out = {"max": self.max, "min": self.min, "mean": self.sum / self.count,

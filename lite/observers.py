@@ -41,7 +41,12 @@ ACT_SCHEMES = ("dynamic", "static")
 
 
 class MinMax:
-    """r = max|x| over every value seen."""
+    """r = max|x| over every value seen.
+
+    Every observer has `update(x)` (one more batch), `merge(other)` (fold in an observer of the same
+    kind that saw other data: the result is what one observer of all the data gives, which is what
+    splitting calibration over several GPUs needs) and `result()`.
+    """
 
     def __init__(self, qdtype: torch.dtype):
         self.qdtype = qdtype
@@ -52,7 +57,11 @@ class MinMax:
         a = x.detach().abs().amax().float()
         self.absmax = a if self.absmax is None else torch.maximum(self.absmax, a)
 
-    def range(self) -> torch.Tensor:
+    def merge(self, other: "MinMax") -> None:
+        if other.absmax is not None:
+            self.absmax = other.absmax if self.absmax is None else torch.maximum(self.absmax, other.absmax)
+
+    def result(self) -> torch.Tensor:
         return self.absmax
 
 
@@ -82,10 +91,25 @@ class _Sampled(MinMax):
                 keep = keys < self.keys.max()
                 a, keys = a[keep], keys[keep]
             a, keys = torch.cat([self.values, a]), torch.cat([self.keys, keys])
+        self._keep_smallest_keys(a, keys)
+
+    def _keep_smallest_keys(self, values: torch.Tensor, keys: torch.Tensor) -> None:
         if keys.numel() > self.size:
             chosen = keys.topk(self.size, largest=False).indices
-            a, keys = a[chosen], keys[chosen]
-        self.values, self.keys = a, keys
+            values, keys = values[chosen], keys[chosen]
+        self.values, self.keys = values, keys
+
+    def merge(self, other: "_Sampled") -> None:
+        """The `size` smallest keys of both samples: a uniform sample of the union, as if one observer
+        had seen all of it (the keys are independent uniform draws in either observer; give the two
+        observers different seeds)."""
+        super().merge(other)
+        if other.keys is None:
+            return
+        if self.keys is None:
+            self.values, self.keys = other.values, other.keys
+            return
+        self._keep_smallest_keys(torch.cat([self.values, other.values]), torch.cat([self.keys, other.keys]))
 
 
 class Percentile(_Sampled):
@@ -95,7 +119,7 @@ class Percentile(_Sampled):
         super().__init__(qdtype, **kw)
         self.percentile = percentile
 
-    def range(self) -> torch.Tensor:
+    def result(self) -> torch.Tensor:
         values = self.values.sort().values
         k = min(values.numel() - 1, max(0, int(round(self.percentile / 100 * values.numel())) - 1))
         return torch.minimum(values[k], self.absmax)
@@ -104,7 +128,7 @@ class Percentile(_Sampled):
 class Mse(_Sampled):
     """r = c · max|x| with c from `MSE_RATIOS` minimizing mean((Q_r(x) - x)^2) on the sample."""
 
-    def range(self) -> torch.Tensor:
+    def result(self) -> torch.Tensor:
         return mse_range(self.values, self.absmax, self.qdtype)
 
 
@@ -192,7 +216,7 @@ def static_input_scales(model: nn.Module, arch: Arch, tokens: torch.Tensor, batc
             finally:
                 block.to("cpu")
             for group, observer in observed:
-                r = observer.range().float().cpu()
+                r = observer.result().float().cpu()
                 check_finite(f"{prefix}.{group[0]}", r, "input range")
                 scale = symmetric_scale(r, qdtype).reshape(1)  # (1,)
                 scales.update({f"{prefix}.{name}": scale for name in group})

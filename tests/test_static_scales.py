@@ -24,7 +24,7 @@ def test_minmax_keeps_the_largest_value_of_any_batch():
     observer = MinMax(INT8)
     for peak in (50.0, 1.0, 2.0):  # the largest value comes first
         observer.update(torch.tensor([[peak, -0.5], [0.25, 0.0]]))
-    assert observer.range().item() == 50.0
+    assert observer.result().item() == 50.0
 
 
 def test_the_pass_sees_the_first_batch_when_it_holds_the_largest_activation():
@@ -66,7 +66,7 @@ def test_percentile_and_mse_are_no_wider_than_minmax(make):
     for batch in data.split(100):
         observer.update(batch)
         minmax.update(batch)
-    assert 0 < observer.range().item() < minmax.range().item()
+    assert 0 < observer.result().item() < minmax.result().item()
 
 
 def test_percentile_and_mse_are_no_wider_than_minmax_on_a_model():
@@ -82,7 +82,7 @@ def test_percentile_100_is_minmax():
     data = heavy_tailed()
     observer = Percentile(INT8, 100.0)
     observer.update(data)
-    assert observer.range().item() == data.abs().max().item()
+    assert observer.result().item() == data.abs().max().item()
 
 
 def test_mse_picks_the_clip_with_the_smallest_error():
@@ -139,3 +139,34 @@ def test_act_settings_check_their_values():
         ActSettings("static", "kl")
     with pytest.raises(LiteError, match="act-percentile"):
         ActSettings("static", "percentile", 120.0)
+
+
+@pytest.mark.parametrize("kind", ["minmax", "percentile", "mse", "running_stats"])
+def test_observers_of_disjoint_data_merge_into_the_observer_of_all_of_it(kind):
+    """What several GPUs need: each sees part of the tokens, the merged result is the single-observer one."""
+    from lite.calibrate import RunningStats
+    from lite.observers import OBSERVERS
+
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(4, 16, 32, generator=g) * (1 + i) for i in range(3)]  # (batch, seq, channels)
+    make = (lambda seed: RunningStats()) if kind == "running_stats" else (
+        lambda seed: OBSERVERS[kind](torch.int8, **({} if kind == "minmax" else {"size": 10**6, "seed": seed})))
+    whole = make(0)
+    for x in parts:
+        whole.update(x)
+    split = [make(i + 1) for i in range(len(parts))]
+    for observer, x in zip(split, parts):
+        observer.update(x)
+    merged = make(9)
+    for observer in split:
+        merged.merge(observer)
+
+    a, b = whole.result(), merged.result()
+    if kind == "running_stats":
+        for stat in a:
+            assert torch.allclose(a[stat], b[stat], rtol=1e-6, atol=1e-6), stat
+    else:  # the sample holds every value here (size > data), so the result is exact
+        assert torch.equal(a, b)
+    # Negative control: one part alone does not give the whole result.
+    alone = split[0].result()
+    assert not (torch.allclose(alone["absmax"], a["absmax"]) if kind == "running_stats" else torch.equal(alone, a))
