@@ -110,35 +110,6 @@ def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) 
     return outs
 
 
-def attach_observers(block: nn.Module, prefix: str, arch: Arch):
-    """Forward hooks that record statistics of a block's quantized linears (inputs and outputs) and of
-    the norms feeding them (outputs): `({fqn: RunningStats}, {fqn: RunningStats}, hook handles)`.
-
-    The linears of a norm pair read the norm's output, so they share its statistics (one pass, not one
-    per linear).
-    """
-    observed_in, observed_out, handles = {}, {}, []
-    linears, shared = quantized_linears(arch, block), set()
-    for pair in arch.norm_pairs:
-        stats = observed_out[f"{prefix}.{pair.norm}"] = RunningStats()
-        for name in [n for n in pair.linears if n in linears]:  # in table order: the same file bytes every run
-            observed_in[f"{prefix}.{name}"] = stats
-            shared.add(name)
-
-    def observe(fqn, record_input):
-        def hook(module, args, out):
-            if record_input:
-                observed_in.setdefault(fqn, RunningStats()).update(args[0])
-            observed_out.setdefault(fqn, RunningStats()).update(out)
-        return hook
-
-    for name in linears:
-        handles.append(block.get_submodule(name).register_forward_hook(observe(f"{prefix}.{name}", name not in shared)))
-    for pair in arch.norm_pairs:
-        handles.append(block.get_submodule(pair.norm).register_forward_hook(observe(f"{prefix}.{pair.norm}", False)))
-    return observed_in, observed_out, handles
-
-
 def show_tokens_per_second(bar, tokens: torch.Tensor | None, blocks_done: int) -> None:
     """Calibration tokens pushed through blocks per second, on a block progress bar."""
     elapsed = bar.format_dict.get("elapsed") or 0.0
@@ -163,36 +134,3 @@ def store_statistics(observed_in: dict, observed_out: dict, inputs: dict, output
             for stat, value in stats.result().items():
                 check_finite(fqn, value, f"calibration statistic {stat!r}")
                 table.setdefault(stat, {})[fqn] = value
-
-
-@torch.no_grad()
-def collect_statistics(model: nn.Module, arch: Arch, tokens: torch.Tensor, batch_size: int, device,
-                       progress: bool = True):
-    """(inputs_stats, outputs_stats) in lmdeploy's layout: `{stat: {fqn: fp32 tensor[channels]}}`.
-
-    Inputs are recorded for every quantized linear of every block; outputs for those linears and for
-    the norms that feed them.
-    """
-    inputs = {k: {} for k in STATS}
-    outputs = {k: {} for k in STATS}
-    blocks = decoder_blocks(model, arch)
-    bar = tqdm(blocks.items(), desc="calibrate", unit="block", disable=not progress)
-    move_outside_blocks_(model, arch, device)
-    try:
-        hidden, kwargs = capture_block_inputs(model, arch, tokens, batch_size, device)
-        for i, (prefix, block) in enumerate(bar):
-            for name, p in block.named_parameters():  # a NaN weight would surface as a NaN statistic
-                check_finite(f"{prefix}.{name}", p.detach(), "weight")
-            block.to(device)
-            observed_in, observed_out, handles = attach_observers(block, prefix, arch)
-            try:
-                with removing(handles):
-                    hidden = run_block(block, hidden, kwargs)
-            finally:
-                block.to("cpu")
-            store_statistics(observed_in, observed_out, inputs, outputs)
-            show_tokens_per_second(bar, tokens, i + 1)
-    finally:
-        bar.close()
-        move_outside_blocks_(model, arch, "cpu")
-    return inputs, outputs

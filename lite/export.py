@@ -6,6 +6,7 @@ migration scales exported, `migration_scale` (fp32 `(in,)`). The norms feeding t
 QRMSNorm (their `weight` stays in the model dtype). Embeddings, final norm and `lm_head` are untouched.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -68,6 +69,55 @@ def quantize_model_(model: nn.Module, quant_dtype: str, scales: dict[str, torch.
         quantize_block_(block, prefix, arch, model.config, qdtype, scales or {}, export_migration_scale)
     model.config.quantization_config = quantization_config(quant_dtype, export_migration_scale)
     return model
+
+
+def output_layout(model: nn.Module, quant_dtype: str, export_migration_scale: bool) -> list:
+    """`[(name, shape, dtype)]` of the checkpoint `write_checkpoint` writes for the quantized model,
+    in its order, from a quantized copy of the (meta) skeleton (the same swap `load_quantized` does)."""
+    qmodel, arch, qdtype = copy.deepcopy(model), arch_for(model.config), quant_dtype_of(quant_dtype)
+    for prefix, block in decoder_blocks(qmodel, arch).items():
+        if not export_migration_scale:
+            for pair in arch.norm_pairs:
+                norm = block.get_submodule(pair.norm)
+                block.set_submodule(pair.norm, QRMSNorm(norm.weight.shape[0], 1e-6, arch.norm_offset, qdtype,
+                                                        norm.weight.dtype, device="meta"))
+        for name in quantized_linears(arch, block):
+            linear = block.get_submodule(name)
+            block.set_submodule(name, QLinear(linear.in_features, linear.out_features, linear.bias is not None,
+                                              qdtype, linear.weight.dtype, export_migration_scale, device="meta"))
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    return [(name, tuple(t.shape), t.dtype) for name, t in qmodel.state_dict().items()
+            if not (tied and name == f"{arch.lm_head}.weight")]
+
+
+class CheckpointWriter:
+    """The lmdeploy checkpoint of a model quantized block by block: every tensor written at its final
+    offset in the output shards as it arrives (`write`), then config.json, the tokenizer files and
+    lite's marker (`close`). `model` is the (meta) skeleton the layout is planned from."""
+
+    def __init__(self, folder: str, model: nn.Module, quant_dtype: str, export_migration_scale: bool,
+                 max_shard_size, dtype: torch.dtype, tokenizer, source_folder: str | None, marker: tuple | None):
+        self.folder, self.model, self.dtype, self.tokenizer, self.source_folder = folder, model, dtype, tokenizer, \
+            source_folder
+        self.quantization_config = quantization_config(quant_dtype, export_migration_scale)
+        self.marker = marker
+        self.shards = ShardWriter(folder, output_layout(model, quant_dtype, export_migration_scale),
+                                  parse_size(max_shard_size))
+
+    def wants(self, name: str) -> bool:
+        return name in self.shards.where
+
+    def write(self, name: str, t: torch.Tensor, row_start: int = 0) -> None:
+        self.shards.write(name, t, row_start=row_start)
+
+    def close(self) -> None:
+        """The index, config.json (with the quantization config), the tokenizer files and the marker (if given)."""
+        self.shards.close()
+        config = copy.deepcopy(self.model.config)
+        config.quantization_config = self.quantization_config
+        write_model_files(self.folder, config, self.dtype, self.tokenizer, self.source_folder)
+        if self.marker is not None:
+            write_marker(self.folder, *self.marker)
 
 
 def parse_size(size: int | str) -> int:

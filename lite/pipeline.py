@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lite.archs import quantized_linears
-from lite.calibrate import STATS, collect_statistics
+from lite.calibrate import STATS
 from lite.data import calibration_tokens, check_dataset, data_fingerprint
 from lite.errors import LiteError
 from lite.export import parse_size
@@ -24,9 +24,10 @@ from lite.model import LoadedModel, config_hash, decoder_blocks, load_model, res
 from lite.observers import ActSettings
 from lite.quant import QUANT_DTYPES
 from lite.smooth import W_STATS, check_finite, migration_scales
+from lite.steps.smoothquant import SCALES
+from lite.steps.stats import INPUTS_STATS, OUTPUTS_STATS, collect_statistics
 from lite.workdir import MANIFEST, WorkDir, locked_work_dir
 
-INPUTS_STATS, OUTPUTS_STATS, SCALES = "inputs_stats.pth", "outputs_stats.pth", "migration_scales.pth"
 
 
 @dataclass(frozen=True)
@@ -184,12 +185,12 @@ def identity_of(loaded: LoadedModel) -> dict:
 def open_source(model: str, work_path: str, dtype: str, trust_remote_code: bool, streamable: bool = True):
     """(model, WorkDir, streamed): a `StreamedModel` skeleton when MODEL is a local safetensors folder
     that streams (and `streamable`), else the loaded model."""
-    from lite import stream
+    from lite import source, stream
 
     if streamable and stream.is_streamable(model):
-        sm = stream.open_streamed(model, dtype, trust_remote_code)
+        sm = source.open_streamed(model, dtype, trust_remote_code)
         if sm is not None:
-            return sm, WorkDir(work_path, stream.identity(sm)), True
+            return sm, WorkDir(work_path, source.identity(sm)), True
     loaded = load_model(model, dtype, trust_remote_code)
     return loaded, WorkDir(work_path, identity_of(loaded)), False
 

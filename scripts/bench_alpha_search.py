@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from lite.calibrate import collect_statistics
+from lite.steps.stats import collect_statistics
 from lite.data import calibration_tokens
 from lite.model import LoadedModel, load_model
 from lite.search import search_alphas

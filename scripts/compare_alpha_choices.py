@@ -25,7 +25,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from lite.calibrate import capture_block_inputs, collect_statistics, run_block
+from lite.calibrate import capture_block_inputs, run_block
+from lite.steps.stats import collect_statistics
 from lite.data import calibration_tokens
 from lite.eval import eval_windows, perplexity
 from lite.model import decoder_blocks, load_model

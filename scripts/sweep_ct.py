@@ -19,7 +19,7 @@ import time
 import torch
 
 from lite import compressed_tensors
-from lite.calibrate import collect_statistics
+from lite.steps.stats import collect_statistics
 from lite.data import calibration_tokens
 from lite.eval import eval_windows, perplexity
 from lite.model import decoder_blocks, load_model

@@ -12,7 +12,7 @@ import copy
 
 import torch
 
-from lite.calibrate import collect_statistics
+from lite.steps.stats import collect_statistics
 from lite.data import calibration_tokens, load_text
 from lite.eval import eval_windows, perplexity
 from lite.export import quantize_model_

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lite.archs import ARCHS
-from lite.calibrate import collect_statistics
+from lite.steps.stats import collect_statistics
 from lite.cli.main import main
 from lite.model import build_tiny, byte_tokenizer, decoder_blocks
 

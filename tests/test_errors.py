@@ -13,7 +13,7 @@ import torch
 
 from helpers import arch_of, leftovers, lite_error, random_tokens, save_tiny, sha256
 from lite.archs import ARCHS
-from lite.calibrate import collect_statistics
+from lite.steps.stats import collect_statistics
 from lite.cli.main import main
 from lite.errors import LiteError
 from lite.export import load_quantized, quantize_model_, write_checkpoint

@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lite import pipeline, stream
+from lite import pipeline, source, stream
 from lite.folders import MARKER
 from lite.model import build_tiny, byte_tokenizer, load_model, weights_hash
 from lite.pipeline import CalibSettings, SmoothSettings
 from lite.shards import ShardReader, ShardWriter
-from lite.stream import plan_memory
+from lite.sweep import plan_memory
 
 CALIB = CalibSettings("sample", 4, 48, 0)
 
@@ -71,8 +71,8 @@ def test_streamed_equals_full_load(tmp_path, monkeypatch, model_type, overrides,
 
 def test_streamed_identity_matches_loaded_model(tmp_path):
     folder = save_model(tmp_path, "qwen2")
-    streamed = stream.open_streamed(folder, "float32")
-    assert stream.streamed_weights_hash(streamed) == weights_hash(load_model(folder, "float32").model)
+    streamed = source.open_streamed(folder, "float32")
+    assert source.streamed_weights_hash(streamed) == weights_hash(load_model(folder, "float32").model)
 
 
 def test_existing_statistics_take_the_full_load_path(tmp_path, monkeypatch):
