@@ -15,7 +15,7 @@ from lite import __version__, folders, pipeline
 from .flags import parse, render_help
 from lite.errors import LiteError
 from lite.observers import ActSettings
-from lite.pipeline import CalibSettings, SmoothSettings
+from lite.settings import CalibSettings, SmoothSettings
 from lite.recipes import expand_recipe
 
 # The defaults the flags show come from the settings dataclasses, not repeated here.
@@ -227,7 +227,7 @@ def eval(*models: str, dataset: str = "wikitext2", seqlen: int = 512, max_window
 
 
 COMMANDS = {"calibrate": calibrate, "smooth": smooth, "export": export, "smooth_quant": smooth_quant, "eval": eval}
-USAGE = f"""usage: lite COMMAND MODEL [flags]     (lite COMMAND --help for its flags; lite --version)
+USAGE = """usage: lite COMMAND MODEL [flags]     (lite COMMAND --help for its flags; lite --version)
 
 commands:
     calibrate      per-channel activation statistics -> WORK_DIR/inputs_stats.pth

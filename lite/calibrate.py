@@ -10,10 +10,8 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
-from lite.archs import Arch, quantized_linears
-from lite.model import decoder_blocks, move_outside_blocks_
+from lite.archs import Arch
 from lite.smooth import check_finite
 
 STATS = ("max", "min", "mean", "absmax", "absmean")

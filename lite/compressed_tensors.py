@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from lite.archs import arch_for, quantized_linears
 from lite.errors import LiteError
 from lite.model import decoder_blocks
-from lite.observers import ActSettings, static_input_scales
+from lite.observers import ActSettings
 from lite.qmodules import QLinear
 from lite.quant import quant_dtype_of
 from lite.smooth import check_finite, fold_scales_
@@ -140,6 +140,8 @@ def quantize_model_(model: nn.Module, quant_dtype: str, scales: dict[str, torch.
     if act.static:
         if tokens is None:
             raise LiteError("static activation scales need calibration tokens")
+        from lite.steps.static_scales import static_input_scales
+
         input_scales = static_input_scales(model, arch, tokens, batch_size, device, act, qdtype, progress)
     for prefix, block in tqdm(blocks.items(), desc="quantize", unit="block", disable=not progress):
         for name in quantized_linears(arch, block):

@@ -1,4 +1,5 @@
-"""Static activation scales: observers that see every calibration token, and the pass that runs them.
+"""Static activation scales: the observers that see every calibration token (the step that runs them
+is `lite/steps/static_scales.py`).
 
 A static scheme quantizes each linear's input with one per-tensor scale fixed at export,
 `input_scale = r / qmax` (qmax 127 for int8, 448 for fp8 e4m3), where r is the range an observer
@@ -23,14 +24,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from lite.archs import Arch, quantized_linears
-from lite.calibrate import capture_block_inputs, removing, run_block
 from lite.errors import LiteError
-from lite.model import decoder_blocks, move_outside_blocks_
-from lite.quant import QMAX, dequantize, quantize, symmetric_scale
-from lite.smooth import check_finite
+from lite.quant import QMAX, dequantize, quantize
 
 # Values of |x| kept per tensor for percentile and mse; 2^20 fp32 values are 4 MiB.
 SAMPLE_SIZE = 2**20
@@ -186,40 +183,3 @@ def input_groups(arch: Arch, block: nn.Module) -> list[tuple[str, ...]]:
             groups.append(group)
             grouped.update(group)
     return groups + [(name,) for name in names if name not in grouped]
-
-
-@torch.no_grad()
-def static_input_scales(model: nn.Module, arch: Arch, tokens: torch.Tensor, batch_size: int, device,
-                        settings: ActSettings, qdtype: torch.dtype, progress: bool = True) -> dict[str, torch.Tensor]:
-    """`{linear fqn: fp32 input_scale (1,)}` for every quantized linear, observed on `model` as it is.
-
-    Run this on the smoothed float model (scales already folded), so that the scales describe the
-    inputs the quantized linears will see. Blocks run one at a time, each over every batch of `tokens`.
-    """
-    scales = {}
-    move_outside_blocks_(model, arch, device)
-    try:
-        hidden, kwargs = capture_block_inputs(model, arch, tokens, batch_size, device)
-        blocks = decoder_blocks(model, arch)
-        for prefix, block in tqdm(blocks.items(), desc="static scales", unit="block", disable=not progress):
-            block.to(device)
-            observed, handles = [], []
-            for group in input_groups(arch, block):
-                observer = settings.observer(qdtype)
-                observed.append((group, observer))
-                # The first linear of a group sees the tensor every linear of the group reads.
-                handles.append(block.get_submodule(group[0]).register_forward_pre_hook(
-                    lambda module, args, observer=observer: observer.update(args[0])))
-            try:
-                with removing(handles):
-                    hidden = run_block(block, hidden, kwargs)
-            finally:
-                block.to("cpu")
-            for group, observer in observed:
-                r = observer.result().float().cpu()
-                check_finite(f"{prefix}.{group[0]}", r, "input range")
-                scale = symmetric_scale(r, qdtype).reshape(1)  # (1,)
-                scales.update({f"{prefix}.{name}": scale for name in group})
-    finally:
-        move_outside_blocks_(model, arch, "cpu")
-    return scales

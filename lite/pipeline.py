@@ -9,72 +9,26 @@ reuses an artifact only when it matches.
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
 from lite.archs import quantized_linears
 from lite.calibrate import STATS
-from lite.data import calibration_tokens, check_dataset, data_fingerprint
+from lite.data import calibration_tokens
 from lite.errors import LiteError
 from lite.export import parse_size
 from lite.folders import check_out_dir, remove_debris
 from lite.formats import check_export_options, check_readback, quantize_and_write
 from lite.model import LoadedModel, config_hash, decoder_blocks, load_model, resolve_dtype, weights_hash
 from lite.observers import ActSettings
-from lite.quant import QUANT_DTYPES
-from lite.smooth import W_STATS, check_finite, migration_scales
+from lite.smooth import check_finite, migration_scales
 from lite.steps.smoothquant import SCALES
 from lite.steps.stats import INPUTS_STATS, OUTPUTS_STATS, collect_statistics
+from lite.settings import (CalibSettings, SmoothSettings, calib_record, check_quant_dtype, describe_calib,
+                           export_settings, smoothing_record)
 from lite.workdir import MANIFEST, WorkDir, locked_work_dir
 
-
-
-@dataclass(frozen=True)
-class CalibSettings:
-    calib_dataset: str = "wikitext2"
-    calib_samples: int = 128
-    calib_seqlen: int = 2048
-    seed: int = 0
-
-    def __post_init__(self):
-        check_dataset(self.calib_dataset)
-        if not (isinstance(self.calib_samples, int) and self.calib_samples >= 1):
-            raise LiteError(f"--calib-samples must be a positive integer, got {self.calib_samples!r}")
-        if not (isinstance(self.calib_seqlen, int) and self.calib_seqlen >= 2):
-            raise LiteError(f"--calib-seqlen must be an integer >= 2, got {self.calib_seqlen!r}")
-
-
-@dataclass(frozen=True)
-class SmoothSettings:
-    alpha: float | str = 0.3  # chosen by measurement: README.md, "Choosing the defaults"; or "auto"
-    w_stat: str = "lmdeploy"
-    # What `--alpha auto` quantizes its candidates to; fixed alphas do not depend on it.
-    quant_dtype: str = "int8"
-
-    def __post_init__(self):
-        if self.alpha != "auto":
-            try:
-                alpha = float(self.alpha)
-            except (TypeError, ValueError):
-                alpha = None
-            if alpha is None or not 0.0 <= alpha <= 1.0:
-                raise LiteError(f"--alpha must be auto or lie in [0, 1], got {self.alpha!r}")
-            object.__setattr__(self, "alpha", alpha)
-        if self.w_stat not in W_STATS:
-            raise LiteError(f"--w-stat {self.w_stat!r} is not one of: {', '.join(W_STATS)}")
-        check_quant_dtype(self.quant_dtype)
-
-    @property
-    def auto(self) -> bool:
-        return self.alpha == "auto"
-
-    def record(self) -> dict:
-        """The settings migration scales depend on, as the manifest records them."""
-        settings = asdict(self)
-        if not self.auto:
-            del settings["quant_dtype"]
-        return settings
 
 
 def default_device() -> str:
@@ -114,11 +68,6 @@ def validate_scales(scales: dict, loaded: LoadedModel, path: str) -> None:
         check_finite(fqn, s, f"{path} migration scale")
 
 
-def check_quant_dtype(quant_dtype: str) -> None:
-    if quant_dtype not in QUANT_DTYPES:
-        raise LiteError(f"--quant-dtype {quant_dtype!r} is not one of: {', '.join(QUANT_DTYPES)}")
-
-
 def check_device(device: str | None) -> str:
     """`device`, or the default one, after checking that it exists on this machine."""
     device = device or default_device()
@@ -145,16 +94,6 @@ def check_seqlen(config, calib: CalibSettings) -> None:
     if isinstance(limit, int) and calib.calib_seqlen > limit:
         raise LiteError(f"--calib-seqlen {calib.calib_seqlen} is beyond the model's max_position_embeddings "
                         f"({limit}); pass --calib-seqlen {limit} or less")
-
-
-def describe_calib(calib: CalibSettings) -> str:
-    return (f"{calib.calib_samples} x {calib.calib_seqlen} tokens of {os.path.basename(str(calib.calib_dataset))}"
-            f", seed {calib.seed}")
-
-
-def calib_record(calib: CalibSettings, dtype: str) -> dict:
-    """What statistics depend on: the calibration settings, the text's content hash and the dtype."""
-    return {**asdict(calib), "calib_data_sha256": data_fingerprint(calib.calib_dataset), "dtype": dtype}
 
 
 def resolve_calib(work_path: str, calib, from_record: bool = True) -> CalibSettings:
@@ -250,10 +189,6 @@ def ensure_statistics(loaded, work, calib, batch_size, device, dtype) -> dict:
     return stats if stats is not None else run_calibrate(loaded, work, calib, batch_size, device, dtype)
 
 
-def smoothing_record(calib, smoothing, dtype) -> dict:
-    return {**calib_record(calib, dtype), **smoothing.record()}
-
-
 def run_smooth(loaded, work, calib, smoothing, batch_size, device, dtype) -> dict:
     stats = ensure_statistics(loaded, work, calib, batch_size, device, dtype)
     settings = smoothing_record(calib, smoothing, dtype)
@@ -294,15 +229,6 @@ def readback_batches(tokenizer, tokens: torch.Tensor | None) -> list[torch.Tenso
     if tokens is None:
         tokens = calibration_tokens(tokenizer, "sample", 2, 128, 0)
     return [window[None, :128] for window in tokens[:2]]
-
-
-def export_settings(work: WorkDir, fmt: str, quant_dtype: str, act: ActSettings, export_migration_scale: bool,
-                    max_shard_size, dtype: str, smoothed: bool, calib: CalibSettings | None) -> dict:
-    """Every setting that determines a checkpoint, for the manifest's `export` record and the folder's marker."""
-    return {"format": fmt, "quant_dtype": quant_dtype, **asdict(act), "export_migration_scale": export_migration_scale,
-            "max_shard_size": max_shard_size, "dtype": dtype, "smoothed": smoothed,
-            "migration_scales": work.settings_of("migration_scales") if smoothed else None,
-            "calibration": calib_record(calib, dtype) if calib is not None and act.static else None}
 
 
 def run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir,
@@ -367,7 +293,8 @@ def smooth(model, work_dir, calib, smoothing: SmoothSettings, batch_size=4, devi
         loaded, work, streamed = open_source(model, path, dtype, trust_remote_code, streamable=not smoothing.auto)
         check_seqlen(loaded.config, calib)
         if streamed:
-            stream.stream_smooth(loaded, work, calib, smoothing, batch_size, device, dtype)
+            stream.stream_smooth(loaded, work, calib, smoothing, reusable_statistics(loaded, work, calib, dtype),
+                                 batch_size, device, dtype)
         else:
             run_smooth(loaded, work, calib, smoothing, 4 if batch_size == "auto" else batch_size, device, dtype)
         print(f"wrote {work.file(SCALES)}")
@@ -443,12 +370,13 @@ def smooth_quant(model, work_dir, calib, smoothing: SmoothSettings, quant_dtype=
         if streamed:
             scales = reusable_scales(loaded, work, calib, smoothing, dtype)
             if scales is None:
-                if reusable_statistics(loaded, work, calib, dtype) is None:
+                inputs = reusable_statistics(loaded, work, calib, dtype)
+                if inputs is None:
                     # Nothing to reuse: calibrate, smooth and export in one streamed pass over the blocks.
                     return stream.stream_smooth_quant(loaded, work, calib, smoothing, quant_dtype,
                                                       export_migration_scale, max_shard_size, out_dir, batch_size,
                                                       device, dtype, max_gpu_memory)
-                scales = stream.stream_smooth(loaded, work, calib, smoothing, batch_size, device, dtype,
+                scales = stream.stream_smooth(loaded, work, calib, smoothing, inputs, batch_size, device, dtype,
                                               max_gpu_memory)
             return stream.stream_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size,
                                         out_dir, device, dtype)

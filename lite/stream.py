@@ -20,6 +20,7 @@ from lite.export import CheckpointWriter
 from lite.folders import staged_folder, write_marker
 from lite.observers import ActSettings
 from lite.quant import QUANT_DTYPES
+from lite.settings import calib_record, export_settings, smoothing_record
 from lite.shards import checkpoint_files
 from lite.source import Shards, StreamedModel
 from lite.steps.rtn import Rtn
@@ -61,8 +62,6 @@ def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="
     """Calibrate, smooth and export in one pass over the blocks into `out_dir` (checked by the caller);
     returns it. Writes the same work-dir artifacts as `lite calibrate` and `lite smooth` and the same
     checkpoint as `lite export`."""
-    from lite.pipeline import calib_record, export_settings, smoothing_record
-
     timer = Timer(sm.opened_at or time.perf_counter())
     _check_options(quant_dtype, batch_size)
     tokens = _tokens(sm, calib)
@@ -89,8 +88,6 @@ def stream_calibrate(sm: StreamedModel, work, calib, batch_size="auto", device="
                      max_gpu_memory=DEFAULT_MAX_GPU_MEMORY) -> dict:
     """`lite calibrate` over the streamed blocks: the same statistics files and manifest entry as
     `pipeline.run_calibrate`; returns inputs_stats."""
-    from lite.pipeline import calib_record
-
     timer = Timer(sm.opened_at or time.perf_counter())
     _check_options("int8", batch_size)
     stats = Statistics()
@@ -100,15 +97,12 @@ def stream_calibrate(sm: StreamedModel, work, calib, batch_size="auto", device="
     return stats.inputs
 
 
-def stream_smooth(sm: StreamedModel, work, calib, smoothing, batch_size="auto", device="cpu", dtype="auto",
-                  max_gpu_memory=DEFAULT_MAX_GPU_MEMORY) -> dict:
-    """`lite smooth` over the streamed blocks: from the work dir's statistics when they may be reused (the
-    blocks' weights are read, nothing runs forward), else calibrating in the same pass. The same
-    artifacts and manifest entries as `pipeline.run_smooth`; returns the migration scales."""
-    from lite.pipeline import calib_record, reusable_statistics, smoothing_record
-
+def stream_smooth(sm: StreamedModel, work, calib, smoothing, inputs: dict | None, batch_size="auto", device="cpu",
+                  dtype="auto", max_gpu_memory=DEFAULT_MAX_GPU_MEMORY) -> dict:
+    """`lite smooth` over the streamed blocks: from `inputs` (the work dir's statistics, when they may be
+    reused: the blocks' weights are read, nothing runs forward), else calibrating in the same pass. The
+    same artifacts and manifest entries as `pipeline.run_smooth`; returns the migration scales."""
     timer = Timer(sm.opened_at or time.perf_counter())
-    inputs = reusable_statistics(sm, work, calib, dtype)
     if inputs is not None:
         smooth = SmoothQuant(smoothing.alpha, smoothing.w_stat, act_absmax=inputs["absmax"])
         summary = sweep(Shards(sm), [smooth], None, None, device=device, timer=timer)
@@ -128,8 +122,6 @@ def stream_export(sm: StreamedModel, work, scales: dict | None, quant_dtype="int
     """`lite export` (lmdeploy format, dynamic activations) over the streamed blocks into `out_dir` (checked
     by the caller): each block read, `scales` folded in (or stored), quantized and written; no forward
     pass. The same checkpoint and manifest entry as `pipeline.run_export`; returns the output folder."""
-    from lite.pipeline import export_settings
-
     timer = Timer(sm.opened_at or time.perf_counter())
     _check_options(quant_dtype, "auto")
     settings = export_settings(work, "lmdeploy", quant_dtype, ActSettings(), export_migration_scale, max_shard_size,

@@ -31,7 +31,7 @@ from lite.export import parse_size
 from lite.model import check_finite_tensor
 from lite.quant import CHUNK_ELEMENTS, row_chunks
 from lite.smooth import check_finite
-from lite.steps import Block, Hook
+from lite.steps.base import Block, Hook
 
 DEFAULT_MAX_GPU_MEMORY = "8GiB"
 
@@ -215,15 +215,17 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
         if tokens is not None:
             # Block 0's inputs: the model's own forward up to the first block (embeddings, rotary tables, masks).
             source.outside_to(device)
-            # Hidden states that do not fit the device budget wait in one pinned CPU buffer.
-            pinned = None if on_device or not cuda else torch.empty((samples, seqlen, config.hidden_size),
-                                                                    dtype=source.dtype, pin_memory=True)
-            for first in range(0, samples, batch_size):
-                chunk = tokens[first:first + batch_size]  # (batch, seqlen)
-                h, kw = capture_block_inputs(model, arch, chunk, len(chunk), device)
-                hidden.append(h[0] if pinned is None else pinned[first:first + len(chunk)].copy_(h[0]))
-                kwargs.append(kw[0])
-            source.outside_done()
+            try:
+                # Hidden states that do not fit the device budget wait in one pinned CPU buffer.
+                pinned = None if on_device or not cuda else torch.empty((samples, seqlen, config.hidden_size),
+                                                                        dtype=source.dtype, pin_memory=True)
+                for first in range(0, samples, batch_size):
+                    chunk = tokens[first:first + batch_size]  # (batch, seqlen)
+                    h, kw = capture_block_inputs(model, arch, chunk, len(chunk), device)
+                    hidden.append(h[0] if pinned is None else pinned[first:first + len(chunk)].copy_(h[0]))
+                    kwargs.append(kw[0])
+            finally:
+                source.outside_done()
             timer.lap("capture")
 
         for i, prefix in enumerate(bar):

@@ -22,7 +22,7 @@ from lite.data import SAMPLE_TEXT, calibration_tokens
 from lite.eval import eval_windows, perplexity
 from lite.export import load_quantized
 from lite.model import build_tiny, byte_tokenizer
-from lite.pipeline import SmoothSettings
+from lite.settings import SmoothSettings
 from lite.smooth import migration_scales
 
 CALIB = ["--calib-dataset", "sample", "--calib-samples", "4", "--calib-seqlen", "64", "--device", "cpu"]

@@ -8,7 +8,8 @@ from helpers import logits, random_tokens
 from lite.archs import ARCHS
 from lite.errors import LiteError
 from lite.model import build_tiny
-from lite.observers import ActSettings, MinMax, Mse, Percentile, input_groups, mse_range, static_input_scales
+from lite.observers import ActSettings, MinMax, Mse, Percentile, input_groups, mse_range
+from lite.steps.static_scales import static_input_scales
 from lite.qmodules import QLinear
 from lite.quant import QMAX
 

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from lite import pipeline, source, stream
 from lite.folders import MARKER
 from lite.model import build_tiny, byte_tokenizer, load_model, weights_hash
-from lite.pipeline import CalibSettings, SmoothSettings
+from lite.settings import CalibSettings, SmoothSettings
 from lite.shards import ShardReader, ShardWriter
 from lite.sweep import plan_memory
 

@@ -13,55 +13,10 @@ statistics, computes migration scales from them and quantizes, block by block. `
 step classes; `create(name, **settings)` makes one, `register(name, cls)` adds a user's own.
 """
 
-from dataclasses import dataclass, field
-
-import torch.nn as nn
-
 from lite.errors import LiteError
+from lite.steps.base import Block, Hook, Step
 
-
-@dataclass
-class Hook:
-    """Feed `observer.update` with the input (first positional argument) or the output of a module of the block."""
-
-    module: str  # dotted name relative to the block
-    where: str  # "input" or "output"
-    observer: object
-
-    def __post_init__(self):
-        assert self.where in ("input", "output"), f"Hook.where must be input or output, got {self.where!r}"
-
-
-@dataclass
-class Block:
-    """One decoder block on its way through the sweep, and what steps leave on it for later steps."""
-
-    index: int
-    prefix: str  # e.g. model.layers.3
-    module: nn.Module
-    arch: object
-    config: object
-    absmax: dict = field(default_factory=dict)  # {linear fqn: max|x| of its input}, set by `statistics`
-    scales: dict = field(default_factory=dict)  # {consumer linear fqn: migration scale s}, set by `smoothquant`
-
-
-class Step:
-    """Base class of every step: each lifecycle method does nothing unless a step overrides it."""
-
-    def start(self, run) -> None:
-        pass
-
-    def observers(self, block: Block) -> list[Hook]:
-        return []
-
-    def apply_(self, block: Block) -> None:
-        pass
-
-    def end(self, run) -> None:
-        pass
-
-    def artifacts(self) -> dict:
-        return {}
+__all__ = ["Block", "Hook", "Step", "STEPS", "create", "register"]
 
 
 STEPS: dict[str, type] = {}
@@ -85,9 +40,11 @@ def create(name: str, **settings) -> Step:
 def _register_builtin() -> None:
     from lite.steps.rtn import Rtn
     from lite.steps.smoothquant import SmoothQuant
+    from lite.steps.static_scales import StaticScales
     from lite.steps.stats import Statistics
 
     register("statistics", Statistics)
+    register("static_scales", StaticScales)
     register("smoothquant", SmoothQuant)
     register("rtn", Rtn)
 

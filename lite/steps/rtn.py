@@ -3,7 +3,7 @@ with the block's migration scales folded into the producers (or stored on the QL
 
 from lite.export import quantize_block_
 from lite.quant import quant_dtype_of
-from lite.steps import Block, Step
+from lite.steps.base import Block, Step
 
 
 class Rtn(Step):

@@ -4,7 +4,7 @@ for the quantizing step, which folds them into the producers or stores them on t
 
 from lite.archs import quantized_linears
 from lite.smooth import migration_scales
-from lite.steps import Block, Step
+from lite.steps.base import Block, Step
 
 SCALES = "migration_scales.pth"
 

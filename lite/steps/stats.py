@@ -5,7 +5,7 @@ import torch
 
 from lite.archs import quantized_linears
 from lite.calibrate import STATS, RunningStats, store_statistics
-from lite.steps import Block, Hook, Step
+from lite.steps.base import Block, Hook, Step
 
 INPUTS_STATS, OUTPUTS_STATS = "inputs_stats.pth", "outputs_stats.pth"
 
