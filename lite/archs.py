@@ -67,6 +67,8 @@ class Arch:
     lm_head: str = "lm_head"
     # Linears inside the blocks that must stay in float (MoE routers).
     keep_float: tuple[str, ...] = ()
+    # Linears whose output is added to the residual stream (rotations turn their rows).
+    residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
 
 
 _LLAMA = Arch(

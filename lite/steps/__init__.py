@@ -42,7 +42,11 @@ def _register_builtin() -> None:
     from lite.steps.smoothquant import SmoothQuant
     from lite.steps.static_scales import StaticScales
     from lite.steps.stats import Statistics
+    from lite.steps.transforms import CenterEmbeddings, FuseNorms, Rotate
 
+    register("fuse_norms", FuseNorms)
+    register("rotate", Rotate)
+    register("center_embeddings", CenterEmbeddings)
     register("statistics", Statistics)
     register("static_scales", StaticScales)
     register("smoothquant", SmoothQuant)
