@@ -226,7 +226,44 @@ def eval(*models: str, dataset: str = "wikitext2", seqlen: int = 512, max_window
     evaluate(list(models), dataset, seqlen, max_windows, batch_size, device, json_out)
 
 
-COMMANDS = {"calibrate": calibrate, "smooth": smooth, "export": export, "smooth_quant": smooth_quant, "eval": eval}
+def run(recipe: str, model: str, work_dir: str = None, out_dir: str = None, calib_dataset: str = None,
+        calib_samples: int = None, calib_seqlen: int = None, seed: int = None, batch_size: int | str = 4,
+        max_shard_size: str = "5GB", device: str = None, dtype: str = "auto", trust_remote_code: bool = False):
+    """Run a step recipe: model-preparation transforms, SmoothQuant, static scales and round-to-nearest,
+    in the order the recipe lists them, then write its format. The model is loaded in memory.
+
+    A recipe is YAML with `data` (calib_dataset, calib_samples, calib_seqlen, seed), `steps` (names
+    from the step registry, each optionally with settings) and `format` (lmdeploy or
+    compressed-tensors); see configs/run-*.yaml and README, "Recipes". Steps: fuse_norms (fold each
+    norm's weight into the linears it feeds), rotate (turn the residual stream by a randomized
+    Hadamard matrix; after fuse_norms; setting seed), center_embeddings (refused on RMSNorm models
+    unless force: true), smoothquant (alpha, w_stat), static_scales (act_observer, act_percentile;
+    compressed-tensors only), rtn (quant_dtype, export_migration_scale; last). Unknown keys are
+    refused before any work.
+
+    Args:
+        recipe: the recipe file, e.g. configs/run-w8a8-int8-rotate-static.yaml.
+        model: a local model folder, a hub id, or tiny:<model_type>.
+        work_dir: folder for the statistics, scales, manifest and (by default) the checkpoint.
+        out_dir: where the checkpoint goes (default WORK_DIR/quantized).
+        calib_dataset: overrides the recipe's data; see `lite calibrate --help`.
+        calib_samples: overrides the recipe's data.
+        calib_seqlen: overrides the recipe's data.
+        seed: overrides the recipe's data (the seed choosing calibration windows, not rotate's).
+        batch_size: sequences per forward call.
+        max_shard_size: largest safetensors shard, e.g. 5GB.
+        device: cuda (default when available) or cpu.
+        dtype: auto, float32, float16 or bfloat16 (transforms are exact in float32).
+        trust_remote_code: allow model code from the hub.
+    """
+    given = dict(calib_dataset=calib_dataset, calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed)
+    CalibSettings(**{k: v for k, v in given.items() if v is not None})  # refuses bad values before any work
+    pipeline.run_recipe(recipe, model, work_dir, given, out_dir, max_shard_size, batch_size, device, dtype,
+                        trust_remote_code)
+
+
+COMMANDS = {"calibrate": calibrate, "smooth": smooth, "export": export, "smooth_quant": smooth_quant, "run": run,
+            "eval": eval}
 USAGE = """usage: lite COMMAND MODEL [flags]     (lite COMMAND --help for its flags; lite --version)
 
 commands:
@@ -234,6 +271,7 @@ commands:
     smooth         SmoothQuant migration scales -> WORK_DIR/migration_scales.pth
     export         quantize and write a checkpoint -> WORK_DIR/quantized
     smooth_quant   all three in one command, reusing what WORK_DIR holds
+    run            a step recipe (configs/run-*.yaml): transforms, SmoothQuant, static scales, round to nearest
     eval           perplexity of float models and checkpoints side by side
 
 Errors print one `lite: error:` line; set LITE_DEBUG=1 (or pass --debug) for the traceback."""
@@ -254,7 +292,7 @@ def _interrupted(signal_name: str, code: int) -> int:
     return code
 
 
-def run(argv: list[str]) -> int:
+def dispatch(argv: list[str]) -> int:
     """Run one command line; returns the exit code (errors other than LiteError propagate)."""
     if not argv or argv[0] in ("--help", "-h", "help"):
         print(USAGE)
@@ -288,7 +326,10 @@ def main(argv=None):
     folders.completed.clear()
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        code = run(argv)
+        code = dispatch(argv)
+    except BrokenPipeError:  # `lite ... | head`: the reader went away; nothing to report
+        sys.stdout = open(os.devnull, "w")
+        code = 0
     except KeyboardInterrupt:
         code = _interrupted("SIGINT", 130)
     except Terminated:

@@ -23,6 +23,7 @@ from lite.formats import check_export_options, check_readback, quantize_and_writ
 from lite.model import LoadedModel, config_hash, decoder_blocks, load_model, resolve_dtype, weights_hash
 from lite.observers import ActSettings
 from lite.smooth import check_finite, migration_scales
+from lite.source import Loaded
 from lite.steps.smoothquant import SCALES
 from lite.steps.stats import INPUTS_STATS, OUTPUTS_STATS, collect_statistics
 from lite.settings import (CalibSettings, SmoothSettings, calib_record, check_quant_dtype, describe_calib,
@@ -384,3 +385,64 @@ def smooth_quant(model, work_dir, calib, smoothing: SmoothSettings, quant_dtype=
         scales = None if no_smooth else ensure_scales(loaded, work, calib, smoothing, batch_size, device, dtype)
         return run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir,
                           fmt, act, calib, batch_size, device, dtype)
+
+
+def run_recipe(recipe_path, model, work_dir, calib_given: dict, out_dir=None, max_shard_size="5GB", batch_size=4,
+               device=None, dtype="auto", trust_remote_code=False) -> str:
+    """`lite run`: the recipe's steps on the model loaded in memory, then its format (lite/recipe.py).
+
+    Statistics and migration scales are made afresh and saved to the work dir with the recipe in their
+    records; the checkpoint goes to `out_dir` (default WORK_DIR/quantized), read back and compared.
+    """
+    from lite import compressed_tensors as ct
+    from lite import export as lmdeploy
+    from lite.recipe import TRANSFORMS, calib_of, load
+    from lite.steps import create
+    from lite.steps.smoothquant import SmoothQuant
+    from lite.steps.stats import Statistics
+    from lite.steps.transforms import transform_
+    from lite.sweep import sweep
+
+    recipe = load(recipe_path)
+    calib = calib_of(recipe, calib_given)
+    rtn = recipe.settings_of("rtn")
+    quant_dtype, export_migration_scale = rtn.get("quant_dtype", "int8"), bool(rtn.get("export_migration_scale", False))
+    static = recipe.settings_of("static_scales")
+    act = ActSettings("static", **static) if static is not None else ActSettings()
+    check_export_flags(quant_dtype, recipe.format, act, export_migration_scale, max_shard_size)
+    device, _ = check_device(device), resolve_dtype(dtype)
+    check_batch_size(batch_size)
+    batch_size = 4 if batch_size == "auto" else batch_size
+    with locked_work_dir(work_dir) as path:
+        out_dir = prepare_out_dir(out_dir, path, model)
+        loaded, work, _ = open_source(model, path, dtype, trust_remote_code, streamable=False)
+        check_seqlen(loaded.config, calib)
+        check_disk_space(loaded, out_dir)
+        transforms = [create(name, **settings) for name, settings in recipe.steps if name in TRANSFORMS]
+        if transforms:
+            transform_(loaded.model, transforms)
+        tokens = calibration_tokens(loaded.tokenizer, calib.calib_dataset, calib.calib_samples, calib.calib_seqlen,
+                                    calib.seed, loaded.config.vocab_size)
+        scales = None
+        smoothing = recipe.settings_of("smoothquant")
+        records = {**calib_record(calib, dtype), **recipe.record()}
+        if smoothing is not None:
+            stats, smooth = Statistics(), SmoothQuant(**smoothing)
+            sweep(Loaded(loaded.model, loaded.arch), [stats, smooth], tokens, batch_size=batch_size, device=device)
+            work.save("statistics", records, stats.artifacts())
+            work.save("migration_scales", {**records, **SmoothSettings(**smoothing).record()}, smooth.artifacts())
+            scales = smooth.found
+        settings = {**export_settings(work, recipe.format, quant_dtype, act, export_migration_scale, max_shard_size,
+                                      dtype, scales is not None, calib), **recipe.record()}
+        if recipe.format == "lmdeploy":
+            lmdeploy.quantize_model_(loaded.model, quant_dtype, scales, export_migration_scale)
+            lmdeploy.write_checkpoint(loaded.model, loaded.tokenizer, loaded.folder, out_dir, max_shard_size,
+                                      marker=(work.path, settings))
+        else:
+            ct.quantize_model_(loaded.model, quant_dtype, scales, act, tokens, batch_size, device)
+            ct.write_checkpoint(loaded.model, loaded.tokenizer, loaded.folder, out_dir, max_shard_size,
+                                marker=(work.path, settings))
+        check_readback(loaded.model, out_dir, readback_batches(loaded.tokenizer, tokens))
+        work.record("export", {**settings, "out_dir": out_dir})
+        print(f"wrote {out_dir}")
+        return out_dir

@@ -1,0 +1,75 @@
+"""`lite run RECIPE MODEL`: step recipes from the registry, checked before any work."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import lite_error
+from lite.cli.main import main
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CALIB = ["--calib-dataset", "sample", "--calib-samples", "4", "--calib-seqlen", "64", "--device", "cpu"]
+
+
+def write(path, text: str):
+    path.write_text(text)
+    return path
+
+
+def weights(folder) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.name.endswith((".safetensors", ".json"))
+            and p.name != "lite_output.json"}
+
+
+def test_smoothquant_rtn_recipe_writes_what_smooth_quant_writes(tmp_path):
+    recipe = write(tmp_path / "r.yaml", "steps: [{smoothquant: {alpha: 0.5}}, {rtn: {quant_dtype: int8}}]\n"
+                                        "format: lmdeploy\n")
+    main(["run", str(recipe), "tiny:qwen2", "--work-dir", str(tmp_path / "a"), *CALIB])
+    main(["smooth_quant", "tiny:qwen2", "--work-dir", str(tmp_path / "b"), *CALIB, "--alpha", "0.5",
+          "--batch-size", "4"])
+
+    assert weights(tmp_path / "a" / "quantized") == weights(tmp_path / "b" / "quantized")
+    record = json.loads((tmp_path / "a" / "lite_manifest.json").read_text())["artifacts"]["export"]
+    assert record["steps"] == [["smoothquant", {"alpha": 0.5}], ["rtn", {"quant_dtype": "int8"}]]
+
+
+def test_rotation_recipe_writes_a_static_checkpoint_that_reads_back(tmp_path):
+    main(["run", str(CONFIGS / "run-w8a8-int8-rotate-static.yaml"), "tiny:llama", "--work-dir", str(tmp_path / "w"), *CALIB])
+
+    config = json.loads((tmp_path / "w" / "quantized" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert config["tie_word_embeddings"] is False  # rotation unties lm_head from the embeddings
+    marker = json.loads((tmp_path / "w" / "quantized" / "lite_output.json").read_text())
+    assert [name for name, _ in marker["export"]["steps"]] == ["fuse_norms", "rotate", "smoothquant",
+                                                              "static_scales", "rtn"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("steps: [rtn]\nformats: lmdeploy\n", "unknown key 'formats'; allowed: description, data, steps, format"),
+    ("data: {samples: 4}\nsteps: [rtn]\n", "unknown data key 'samples'"),
+    ("steps: [gptq, rtn]\n", "unknown step 'gptq'; registered steps:"),
+    ("steps: [{smoothquant: {alfa: 0.5}}, rtn]\n", "step 'smoothquant' has no setting 'alfa'"),
+    ("steps: [{smoothquant: {alpha: 2}}, rtn]\n", "--alpha must be auto or lie in [0, 1]"),
+    ("steps: [smoothquant]\n", "must end with rtn"),
+    ("steps: [smoothquant, fuse_norms, rtn]\n", "transforms (fuse_norms, rotate, center_embeddings) come before"),
+    ("steps: [rotate, rtn]\n", "rotate needs fuse_norms before it"),
+    ("steps: [static_scales, rtn]\nformat: lmdeploy\n", "static_scales needs format: compressed-tensors"),
+    ("steps: [rtn]\nformat: gguf\n", "format 'gguf' is not one of"),
+])
+def test_bad_recipes_are_refused_before_any_work(tmp_path, capsys, text, expected):
+    recipe = write(tmp_path / "bad.yaml", text)
+
+    message = lite_error(capsys, "run", recipe, "tiny:llama", "--work-dir", tmp_path / "w", *CALIB)
+
+    assert expected in message and str(recipe) in message
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("name", ["run-w8a8-int8.yaml", "run-w8a8-int8-static.yaml",
+                                  "run-w8a8-int8-rotate-static.yaml"])
+def test_shipped_recipes_are_valid(name):
+    from lite.recipe import load
+
+    recipe = load(str(CONFIGS / name))
+    assert recipe.steps[-1][0] == "rtn" and recipe.description
