@@ -234,7 +234,7 @@ def run(recipe: str, model: str, work_dir: str = None, out_dir: str = None, cali
 
     A recipe is YAML with `data` (calib_dataset, calib_samples, calib_seqlen, seed), `steps` (names
     from the step registry, each optionally with settings) and `format` (lmdeploy or
-    compressed-tensors); see configs/run-*.yaml and README, "Recipes". Steps: fuse_norms (fold each
+    compressed-tensors); see configs/recipes/*.yaml and README, "Recipes". Steps: fuse_norms (fold each
     norm's weight into the linears it feeds), rotate (turn the residual stream by a randomized
     Hadamard matrix; after fuse_norms; setting seed), center_embeddings (refused on RMSNorm models
     unless force: true), smoothquant (alpha, w_stat), static_scales (act_observer, act_percentile;
@@ -242,7 +242,7 @@ def run(recipe: str, model: str, work_dir: str = None, out_dir: str = None, cali
     refused before any work.
 
     Args:
-        recipe: the recipe file, e.g. configs/run-w8a8-int8-rotate-static.yaml.
+        recipe: the recipe file, e.g. configs/recipes/w8a8-int8-rotate-static.yaml.
         model: a local model folder, a hub id, or tiny:<model_type>.
         work_dir: folder for the statistics, scales, manifest and (by default) the checkpoint.
         out_dir: where the checkpoint goes (default WORK_DIR/quantized).
@@ -271,7 +271,7 @@ commands:
     smooth         SmoothQuant migration scales -> WORK_DIR/migration_scales.pth
     export         quantize and write a checkpoint -> WORK_DIR/quantized
     smooth_quant   all three in one command, reusing what WORK_DIR holds
-    run            a step recipe (configs/run-*.yaml): transforms, SmoothQuant, static scales, round to nearest
+    run            a step recipe (configs/recipes/*.yaml): transforms, SmoothQuant, static scales, round to nearest
     eval           perplexity of float models and checkpoints side by side
 
 Errors print one `lite: error:` line; set LITE_DEBUG=1 (or pass --debug) for the traceback."""

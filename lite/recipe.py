@@ -58,7 +58,7 @@ def load(path: str) -> Recipe:
     from lite.steps import STEPS
 
     if not os.path.isfile(path):
-        raise LiteError(f"recipe {path} does not exist; pass a YAML file such as configs/run-w8a8-int8.yaml")
+        raise LiteError(f"recipe {path} does not exist; pass a YAML file such as configs/recipes/w8a8-int8.yaml")
     try:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}

@@ -8,7 +8,7 @@ import pytest
 from helpers import lite_error
 from lite.cli.main import main
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "recipes"
 CALIB = ["--calib-dataset", "sample", "--calib-samples", "4", "--calib-seqlen", "64", "--device", "cpu"]
 
 
@@ -35,7 +35,7 @@ def test_smoothquant_rtn_recipe_writes_what_smooth_quant_writes(tmp_path):
 
 
 def test_rotation_recipe_writes_a_static_checkpoint_that_reads_back(tmp_path):
-    main(["run", str(CONFIGS / "run-w8a8-int8-rotate-static.yaml"), "tiny:llama", "--work-dir", str(tmp_path / "w"), *CALIB])
+    main(["run", str(CONFIGS / "w8a8-int8-rotate-static.yaml"), "tiny:llama", "--work-dir", str(tmp_path / "w"), *CALIB])
 
     config = json.loads((tmp_path / "w" / "quantized" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
@@ -66,8 +66,8 @@ def test_bad_recipes_are_refused_before_any_work(tmp_path, capsys, text, expecte
     assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("name", ["run-w8a8-int8.yaml", "run-w8a8-int8-static.yaml",
-                                  "run-w8a8-int8-rotate-static.yaml"])
+@pytest.mark.parametrize("name", ["w8a8-int8.yaml", "w8a8-int8-static.yaml",
+                                  "w8a8-int8-rotate-static.yaml"])
 def test_shipped_recipes_are_valid(name):
     from lite.recipe import load
 
