@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lite.cli.main import main
-from lite.eval import eval_windows, perplexity
+from lite.eval import eval_windows, perplexity, score
 from lite.export import load_quantized
 from lite.model import load_model
 
@@ -71,8 +71,8 @@ def test_round_to_nearest_w8a8_is_also_close(perplexities):
 
 
 @pytest.fixture(scope="module")
-def fp8_perplexities(tmp_path_factory) -> dict[str, float]:
-    """Perplexity of fp32 and of fp8 W8A8 (compressed-tensors) at the default alpha and with --alpha auto."""
+def fp8_fidelity(tmp_path_factory) -> dict[str, float]:
+    """KL from fp32 (and perplexity) of fp8 W8A8 (compressed-tensors) at the default alpha and with --alpha auto."""
     from lite.compressed_tensors import load_compressed_tensors
 
     root = tmp_path_factory.mktemp("real-fp8")
@@ -84,14 +84,15 @@ def fp8_perplexities(tmp_path_factory) -> dict[str, float]:
     loaded = load_model(MODEL)
     text = Path(TEXT_DIR, "tinystories-valid.txt").read_text(encoding="utf-8")
     windows, _ = eval_windows(loaded.tokenizer, text, seqlen=512, samples=EVAL_WINDOWS)
-    models = {"fp32": loaded.model, **{name: load_compressed_tensors(str(root / name)) for name in ("fixed", "auto")}}
-    result = {name: perplexity(model, windows, batch_size=20, progress=False) for name, model in models.items()}
-    print(f"fp8 perplexity on {EVAL_WINDOWS} windows of tinystories-valid: {result}")
+    result = {name: score(load_compressed_tensors(str(root / name)), windows, 20, "cpu", loaded.model, progress=False)
+              for name in ("fixed", "auto")}
+    print(f"fp8 on {EVAL_WINDOWS} windows of tinystories-valid: {result}")
     return result
 
 
-def test_fp8_with_alpha_auto_stays_within_the_fp8_target_and_beats_a_fixed_alpha(fp8_perplexities):
-    """Issue 3's fp8 target is +0.6 % on the whole text (measured +0.16 % with auto, +1.22 % at 0.3)."""
-    p = fp8_perplexities
-    assert p["auto"] <= p["fp32"] * 1.006, p
-    assert p["auto"] < p["fixed"], p
+def test_fp8_with_alpha_auto_is_closer_to_fp32_than_a_fixed_alpha(fp8_fidelity):
+    """--alpha auto chooses by KL from the float model; on held-out text it must stay closer to it than the
+    default alpha (measured on 48 windows: 10.44e-3 against 11.60e-3 nats per token; README, "--alpha auto")."""
+    p = fp8_fidelity
+    assert p["auto"]["kl"] < 0.97 * p["fixed"]["kl"], p
+    assert p["auto"]["top1_agreement"] >= p["fixed"]["top1_agreement"], p
