@@ -78,7 +78,7 @@ def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="
         settings = export_settings(work, "lmdeploy", quant_dtype, ActSettings(), export_migration_scale,
                                    max_shard_size, dtype, True, None)
         write_marker(tmp, work.path, settings)
-    work.record("export", {**settings, "out_dir": out_dir, "streamed": True})
+    work.record("export", {**settings, "out_dir": out_dir})
     _print_timings(sm, timer, summary)
     print(f"wrote {out_dir}")
     return out_dir
@@ -131,7 +131,7 @@ def stream_export(sm: StreamedModel, work, scales: dict | None, quant_dtype="int
                                   sm.tokenizer, sm.folder, (work.path, settings))
         summary = sweep(Shards(sm), [SmoothQuant(scales=scales or {}), Rtn(quant_dtype, export_migration_scale)],
                         None, writer, device=device, timer=timer)
-    work.record("export", {**settings, "out_dir": out_dir, "streamed": True})
+    work.record("export", {**settings, "out_dir": out_dir})
     _print_timings(sm, timer, summary)
     print(f"wrote {out_dir}")
     return out_dir
