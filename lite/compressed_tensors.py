@@ -118,6 +118,43 @@ def float_linears(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
+def ct_name(name: str, qlinears) -> str:
+    """A state-dict name under compressed-tensors' names: a QLinear's `scale` is its `weight_scale`."""
+    module, _, leaf = name.rpartition(".")
+    return f"{module}.weight_scale" if module in qlinears and leaf == "scale" else name
+
+
+@torch.no_grad()
+def quantize_block_(block: nn.Module, prefix: str, arch, config, qdtype: torch.dtype,
+                    scales: dict[str, torch.Tensor], input_scales: dict[str, torch.Tensor] | None = None) -> None:
+    """Fold a block's SmoothQuant factors into its norms and producers and swap its linears for QLinears
+    (with their static `input_scales`, when given), in place. Norms stay plain modules."""
+    for name, p in block.named_parameters():
+        check_finite(f"{prefix}.{name}", p.detach(), "weight")
+    fold_scales_(block, prefix, arch, config, scales)
+    swap_linears_(block, prefix, arch, qdtype, input_scales or {})
+
+
+def swap_linears_(block: nn.Module, prefix: str, arch, qdtype: torch.dtype, input_scales: dict) -> None:
+    for name in quantized_linears(arch, block):
+        block.set_submodule(name, QLinear.from_linear(block.get_submodule(name), qdtype,
+                                                      input_scale=input_scales.get(f"{prefix}.{name}")))
+
+
+def streaming_writer(folder: str, model: nn.Module, quant_dtype: str, max_shard_size, dtype: torch.dtype, tokenizer,
+                     source_folder: str | None, marker: tuple | None):
+    """The compressed-tensors layout (dynamic per-token activations) of `model` (a skeleton), written
+    as blocks arrive."""
+    from lite import export
+
+    qmodel = export.quantized_skeleton(model, quant_dtype, qrmsnorm=False)
+    qlinears = {name for name, module in qmodel.named_modules() if isinstance(module, QLinear)}
+    weights, inputs = scheme_args(quant_dtype, ActSettings())
+    config = quantization_config(weights, inputs, float_linears(qmodel), FORMAT_OF[quant_dtype_of(quant_dtype)])
+    return export.CheckpointWriter(folder, qmodel, config, max_shard_size, dtype, tokenizer, source_folder, marker,
+                                   rename=lambda name: ct_name(name, qlinears))
+
+
 @torch.no_grad()
 def quantize_model_(model: nn.Module, quant_dtype: str, scales: dict[str, torch.Tensor] | None, act: ActSettings,
                     tokens: torch.Tensor | None = None, batch_size: int = 4, device="cpu",
@@ -132,21 +169,23 @@ def quantize_model_(model: nn.Module, quant_dtype: str, scales: dict[str, torch.
     fmt = FORMAT_OF[qdtype]
     check_vllm_loadable(weights, inputs, fmt)
     blocks = decoder_blocks(model, arch)
+    if not act.static:
+        for prefix, block in tqdm(blocks.items(), desc="quantize", unit="block", disable=not progress):
+            quantize_block_(block, prefix, arch, model.config, qdtype, scales or {})
+        model.config.quantization_config = quantization_config(weights, inputs, float_linears(model), fmt)
+        return model
+    # Static: the whole model smoothed first, so that the scales describe what the quantized linears read.
     for prefix, block in blocks.items():
         for name, p in block.named_parameters():
             check_finite(f"{prefix}.{name}", p.detach(), "weight")
         fold_scales_(block, prefix, arch, model.config, scales or {})
-    input_scales = {}
-    if act.static:
-        if tokens is None:
-            raise LiteError("static activation scales need calibration tokens")
-        from lite.steps.static_scales import static_input_scales
+    if tokens is None:
+        raise LiteError("static activation scales need calibration tokens")
+    from lite.steps.static_scales import static_input_scales
 
-        input_scales = static_input_scales(model, arch, tokens, batch_size, device, act, qdtype, progress)
+    input_scales = static_input_scales(model, arch, tokens, batch_size, device, act, qdtype, progress)
     for prefix, block in tqdm(blocks.items(), desc="quantize", unit="block", disable=not progress):
-        for name in quantized_linears(arch, block):
-            block.set_submodule(name, QLinear.from_linear(block.get_submodule(name), qdtype,
-                                                          input_scale=input_scales.get(f"{prefix}.{name}")))
+        swap_linears_(block, prefix, arch, qdtype, input_scales)
     model.config.quantization_config = quantization_config(weights, inputs, float_linears(model), fmt)
     return model
 
@@ -161,13 +200,7 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             if module.migration_scale is not None:
                 raise LiteError(f"{name} carries a migration_scale, which compressed-tensors cannot store")
             qlinears[name] = module
-    out = {}
-    for name, t in export.checkpoint_tensors(model).items():
-        module, _, leaf = name.rpartition(".")
-        if module in qlinears and leaf == "scale":
-            name = f"{module}.weight_scale"
-        out[name] = t
-    return out
+    return {ct_name(name, qlinears): t for name, t in export.checkpoint_tensors(model).items()}
 
 
 def write_checkpoint(model: nn.Module, tokenizer, source_folder: str | None, out_dir: str,

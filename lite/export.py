@@ -71,12 +71,14 @@ def quantize_model_(model: nn.Module, quant_dtype: str, scales: dict[str, torch.
     return model
 
 
-def output_layout(model: nn.Module, quant_dtype: str, export_migration_scale: bool) -> list:
-    """`[(name, shape, dtype)]` of the checkpoint `write_checkpoint` writes for the quantized model,
-    in its order, from a quantized copy of the (meta) skeleton (the same swap `load_quantized` does)."""
-    qmodel, arch, qdtype = copy.deepcopy(model), arch_for(model.config), quant_dtype_of(quant_dtype)
+def quantized_skeleton(model: nn.Module, quant_dtype: str, export_migration_scale: bool = False,
+                       qrmsnorm: bool = True) -> nn.Module:
+    """A meta copy of `model` with the modules a checkpoint holds: every linear in the blocks a QLinear
+    and, for lmdeploy's layout (`qrmsnorm`, without migration scales), the norms feeding them QRMSNorms
+    (the same swap `load_quantized` does)."""
+    qmodel, arch, qdtype = copy.deepcopy(model).to("meta"), arch_for(model.config), quant_dtype_of(quant_dtype)
     for prefix, block in decoder_blocks(qmodel, arch).items():
-        if not export_migration_scale:
+        if qrmsnorm and not export_migration_scale:
             for pair in arch.norm_pairs:
                 norm = block.get_submodule(pair.norm)
                 block.set_submodule(pair.norm, QRMSNorm(norm.weight.shape[0], 1e-6, arch.norm_offset, qdtype,
@@ -85,39 +87,57 @@ def output_layout(model: nn.Module, quant_dtype: str, export_migration_scale: bo
             linear = block.get_submodule(name)
             block.set_submodule(name, QLinear(linear.in_features, linear.out_features, linear.bias is not None,
                                               qdtype, linear.weight.dtype, export_migration_scale, device="meta"))
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    return [(name, tuple(t.shape), t.dtype) for name, t in qmodel.state_dict().items()
-            if not (tied and name == f"{arch.lm_head}.weight")]
+    return qmodel
+
+
+def output_layout(qmodel: nn.Module, rename=lambda name: name) -> list:
+    """`[(name, shape, dtype)]` of the checkpoint `write_checkpoint` writes for a quantized skeleton, in its
+    order, under the format's names (`rename`); a tied lm_head is left out as `checkpoint_tensors` does."""
+    tied = getattr(qmodel.config, "tie_word_embeddings", False)
+    lm_head = f"{arch_for(qmodel.config).lm_head}.weight"
+    return [(rename(name), tuple(t.shape), t.dtype) for name, t in qmodel.state_dict().items()
+            if not (tied and name == lm_head)]
 
 
 class CheckpointWriter:
-    """The lmdeploy checkpoint of a model quantized block by block: every tensor written at its final
-    offset in the output shards as it arrives (`write`), then config.json, the tokenizer files and
-    lite's marker (`close`). `model` is the (meta) skeleton the layout is planned from."""
+    """A checkpoint of a model quantized block by block: every tensor written at its final offset in the
+    output shards as it arrives (`write`, under the model's own names), then config.json with
+    `quantization_config`, the tokenizer files and lite's marker (`close`).
 
-    def __init__(self, folder: str, model: nn.Module, quant_dtype: str, export_migration_scale: bool,
-                 max_shard_size, dtype: torch.dtype, tokenizer, source_folder: str | None, marker: tuple | None):
-        self.folder, self.model, self.dtype, self.tokenizer, self.source_folder = folder, model, dtype, tokenizer, \
-            source_folder
-        self.quantization_config = quantization_config(quant_dtype, export_migration_scale)
-        self.marker = marker
-        self.shards = ShardWriter(folder, output_layout(model, quant_dtype, export_migration_scale),
-                                  parse_size(max_shard_size))
+    `qmodel` is the quantized meta skeleton the layout is planned from (`quantized_skeleton`);
+    `rename` maps a state-dict name to the format's (compressed-tensors: `scale` -> `weight_scale`).
+    """
+
+    def __init__(self, folder: str, qmodel: nn.Module, quantization_config: dict, max_shard_size,
+                 dtype: torch.dtype, tokenizer, source_folder: str | None, marker: tuple | None,
+                 rename=lambda name: name):
+        self.folder, self.qmodel, self.dtype, self.tokenizer = folder, qmodel, dtype, tokenizer
+        self.source_folder, self.quantization_config, self.marker, self.rename = \
+            source_folder, quantization_config, marker, rename
+        self.shards = ShardWriter(folder, output_layout(qmodel, rename), parse_size(max_shard_size))
 
     def wants(self, name: str) -> bool:
-        return name in self.shards.where
+        return self.rename(name) in self.shards.where
 
     def write(self, name: str, t: torch.Tensor, row_start: int = 0) -> None:
-        self.shards.write(name, t, row_start=row_start)
+        self.shards.write(self.rename(name), t, row_start=row_start)
 
     def close(self) -> None:
         """The index, config.json (with the quantization config), the tokenizer files and the marker (if given)."""
         self.shards.close()
-        config = copy.deepcopy(self.model.config)
+        config = copy.deepcopy(self.qmodel.config)
         config.quantization_config = self.quantization_config
         write_model_files(self.folder, config, self.dtype, self.tokenizer, self.source_folder)
         if self.marker is not None:
             write_marker(self.folder, *self.marker)
+
+
+def streaming_writer(folder: str, model: nn.Module, quant_dtype: str, export_migration_scale: bool, max_shard_size,
+                     dtype: torch.dtype, tokenizer, source_folder: str | None, marker: tuple | None) -> CheckpointWriter:
+    """The lmdeploy `smooth_quant` layout of `model` (a skeleton), written as blocks arrive."""
+    return CheckpointWriter(folder, quantized_skeleton(model, quant_dtype, export_migration_scale),
+                            quantization_config(quant_dtype, export_migration_scale), max_shard_size, dtype,
+                            tokenizer, source_folder, marker)
 
 
 def parse_size(size: int | str) -> int:

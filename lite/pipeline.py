@@ -320,9 +320,8 @@ def export(model, work_dir, quant_dtype="int8", export_migration_scale=False, ma
     check_batch_size(batch_size)
     with locked_work_dir(work_dir) as path:
         out_dir = prepare_out_dir(out_dir, path, model)
-        # lmdeploy with dynamic activations needs no forward pass: stream the blocks shard in, shard out.
-        loaded, work, streamed = open_source(model, path, dtype, trust_remote_code,
-                                             streamable=fmt == "lmdeploy" and not act.static)
+        # Dynamic activations need no forward pass: stream the blocks shard in, shard out.
+        loaded, work, streamed = open_source(model, path, dtype, trust_remote_code, streamable=not act.static)
         check_disk_space(loaded, out_dir)
         scales = None
         if no_smooth:
@@ -343,7 +342,7 @@ def export(model, work_dir, quant_dtype="int8", export_migration_scale=False, ma
                                                           if export_migration_scale else ""))
         if streamed:
             return stream.stream_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size,
-                                        out_dir, device, dtype)
+                                        out_dir, device, dtype, fmt)
         return run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir,
                           fmt, act, recorded_calib(work) if act.static else None,
                           4 if batch_size == "auto" else batch_size, device, dtype)
@@ -364,7 +363,7 @@ def smooth_quant(model, work_dir, calib, smoothing: SmoothSettings, quant_dtype=
     with locked_work_dir(work_dir) as path:
         out_dir = prepare_out_dir(out_dir, path, model)
         calib = resolve_calib(path, calib)
-        one_pass = fmt == "lmdeploy" and not act.static and not no_smooth and not smoothing.auto
+        one_pass = not act.static and not no_smooth and not smoothing.auto
         loaded, work, streamed = open_source(model, path, dtype, trust_remote_code, streamable=one_pass)
         check_seqlen(loaded.config, calib)
         check_disk_space(loaded, out_dir)
@@ -376,11 +375,11 @@ def smooth_quant(model, work_dir, calib, smoothing: SmoothSettings, quant_dtype=
                     # Nothing to reuse: calibrate, smooth and export in one streamed pass over the blocks.
                     return stream.stream_smooth_quant(loaded, work, calib, smoothing, quant_dtype,
                                                       export_migration_scale, max_shard_size, out_dir, batch_size,
-                                                      device, dtype, max_gpu_memory)
+                                                      device, dtype, max_gpu_memory, fmt)
                 scales = stream.stream_smooth(loaded, work, calib, smoothing, inputs, batch_size, device, dtype,
                                               max_gpu_memory)
             return stream.stream_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size,
-                                        out_dir, device, dtype)
+                                        out_dir, device, dtype, fmt)
         batch_size = 4 if batch_size == "auto" else batch_size
         scales = None if no_smooth else ensure_scales(loaded, work, calib, smoothing, batch_size, device, dtype)
         return run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir,

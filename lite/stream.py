@@ -7,6 +7,9 @@ over a `lite.source.Shards` source, so that only one or two blocks' weights are 
   `[statistics, smoothquant]` when they must be made;
 - `stream_export`: `[smoothquant (given scales), rtn]`, no forward.
 
+Both formats with per-token activations stream: lmdeploy and compressed-tensors (dynamic); static
+activation scales load the model (pipeline.py).
+
 The result is the same as calibrate → smooth → export on the fully loaded model: the same artifacts
 in the work dir and the same checkpoint, tensor for tensor (bit for bit on the CPU).
 """
@@ -16,7 +19,7 @@ import time
 
 from lite.data import calibration_tokens
 from lite.errors import LiteError
-from lite.export import CheckpointWriter
+from lite import compressed_tensors, export
 from lite.folders import staged_folder, write_marker
 from lite.observers import ActSettings
 from lite.quant import QUANT_DTYPES
@@ -56,9 +59,18 @@ def _tokens(sm: StreamedModel, calib):
                               calib.seed, vocab_size=sm.config.vocab_size)
 
 
+def _writer(folder, sm: StreamedModel, fmt: str, quant_dtype: str, export_migration_scale: bool, max_shard_size,
+            marker):
+    if fmt == "lmdeploy":
+        return export.streaming_writer(folder, sm.model, quant_dtype, export_migration_scale, max_shard_size, sm.dtype,
+                                       sm.tokenizer, sm.folder, marker)
+    return compressed_tensors.streaming_writer(folder, sm.model, quant_dtype, max_shard_size, sm.dtype, sm.tokenizer,
+                                               sm.folder, marker)
+
+
 def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="int8", export_migration_scale=False,
                         max_shard_size="5GB", out_dir=None, batch_size="auto", device="cpu", dtype="auto",
-                        max_gpu_memory=DEFAULT_MAX_GPU_MEMORY) -> str:
+                        max_gpu_memory=DEFAULT_MAX_GPU_MEMORY, fmt="lmdeploy") -> str:
     """Calibrate, smooth and export in one pass over the blocks into `out_dir` (checked by the caller);
     returns it. Writes the same work-dir artifacts as `lite calibrate` and `lite smooth` and the same
     checkpoint as `lite export`."""
@@ -68,14 +80,13 @@ def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="
     stats, smooth = Statistics(), SmoothQuant(smoothing.alpha, smoothing.w_stat)
     with staged_folder(out_dir) as tmp:
         # The marker names the migration scales' record, which exists once they are saved: written last.
-        writer = CheckpointWriter(tmp, sm.model, quant_dtype, export_migration_scale, max_shard_size, sm.dtype,
-                                  sm.tokenizer, sm.folder, marker=None)
-        summary = sweep(Shards(sm), [stats, smooth, Rtn(quant_dtype, export_migration_scale)], tokens, writer,
+        writer = _writer(tmp, sm, fmt, quant_dtype, export_migration_scale, max_shard_size, marker=None)
+        summary = sweep(Shards(sm), [stats, smooth, Rtn(quant_dtype, export_migration_scale, fmt)], tokens, writer,
                         batch_size, device, max_gpu_memory, timer)
         # Artifacts first, then the folder appears: a finished output folder always has its statistics.
         work.save("statistics", calib_record(calib, dtype), stats.artifacts())
         work.save("migration_scales", smoothing_record(calib, smoothing, dtype), smooth.artifacts())
-        settings = export_settings(work, "lmdeploy", quant_dtype, ActSettings(), export_migration_scale,
+        settings = export_settings(work, fmt, quant_dtype, ActSettings(), export_migration_scale,
                                    max_shard_size, dtype, True, None)
         write_marker(tmp, work.path, settings)
     work.record("export", {**settings, "out_dir": out_dir})
@@ -118,18 +129,17 @@ def stream_smooth(sm: StreamedModel, work, calib, smoothing, inputs: dict | None
 
 
 def stream_export(sm: StreamedModel, work, scales: dict | None, quant_dtype="int8", export_migration_scale=False,
-                  max_shard_size="5GB", out_dir=None, device="cpu", dtype="auto") -> str:
-    """`lite export` (lmdeploy format, dynamic activations) over the streamed blocks into `out_dir` (checked
+                  max_shard_size="5GB", out_dir=None, device="cpu", dtype="auto", fmt="lmdeploy") -> str:
+    """`lite export` (`fmt`, dynamic activations) over the streamed blocks into `out_dir` (checked
     by the caller): each block read, `scales` folded in (or stored), quantized and written; no forward
     pass. The same checkpoint and manifest entry as `pipeline.run_export`; returns the output folder."""
     timer = Timer(sm.opened_at or time.perf_counter())
     _check_options(quant_dtype, "auto")
-    settings = export_settings(work, "lmdeploy", quant_dtype, ActSettings(), export_migration_scale, max_shard_size,
+    settings = export_settings(work, fmt, quant_dtype, ActSettings(), export_migration_scale, max_shard_size,
                                dtype, bool(scales), None)
     with staged_folder(out_dir) as tmp:
-        writer = CheckpointWriter(tmp, sm.model, quant_dtype, export_migration_scale, max_shard_size, sm.dtype,
-                                  sm.tokenizer, sm.folder, (work.path, settings))
-        summary = sweep(Shards(sm), [SmoothQuant(scales=scales or {}), Rtn(quant_dtype, export_migration_scale)],
+        writer = _writer(tmp, sm, fmt, quant_dtype, export_migration_scale, max_shard_size, (work.path, settings))
+        summary = sweep(Shards(sm), [SmoothQuant(scales=scales or {}), Rtn(quant_dtype, export_migration_scale, fmt)],
                         None, writer, device=device, timer=timer)
     work.record("export", {**settings, "out_dir": out_dir})
     _print_timings(sm, timer, summary)

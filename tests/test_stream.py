@@ -46,15 +46,17 @@ def assert_same_folders(a, b):
             assert fa.read() == fb.read(), f"{name} differs"
 
 
-@pytest.mark.parametrize("model_type,overrides,export_migration_scale", [
-    ("llama", {"tie_word_embeddings": False}, False),
-    ("llama", {}, True),  # tied embeddings, migration scales stored on the QLinears
-    ("gemma", {}, False),  # offset norms, an embed_scale buffer rebuilt from the config
-    ("phi3", {"tie_word_embeddings": False}, False),  # packed qkv_proj / gate_up_proj
+@pytest.mark.parametrize("model_type,overrides,export_migration_scale,fmt", [
+    ("llama", {"tie_word_embeddings": False}, False, "lmdeploy"),
+    ("llama", {}, True, "lmdeploy"),  # tied embeddings, migration scales stored on the QLinears
+    ("gemma", {}, False, "lmdeploy"),  # offset norms, an embed_scale buffer rebuilt from the config
+    ("phi3", {"tie_word_embeddings": False}, False, "lmdeploy"),  # packed qkv_proj / gate_up_proj
+    ("llama", {}, False, "compressed-tensors"),  # norms stay plain, weight_scale names, ignore list
+    ("phi3", {"tie_word_embeddings": False}, False, "compressed-tensors"),
 ])
-def test_streamed_equals_full_load(tmp_path, monkeypatch, model_type, overrides, export_migration_scale):
+def test_streamed_equals_full_load(tmp_path, monkeypatch, model_type, overrides, export_migration_scale, fmt):
     folder = save_model(tmp_path, model_type, **overrides)
-    streamed, full = run_both(tmp_path, folder, monkeypatch, export_migration_scale=export_migration_scale)
+    streamed, full = run_both(tmp_path, folder, monkeypatch, export_migration_scale=export_migration_scale, fmt=fmt)
     assert_same_folders(streamed, full)  # bit for bit: every tensor, config.json, index, tokenizer
     for name in ("inputs_stats.pth", "outputs_stats.pth", "migration_scales.pth"):
         x = torch.load(tmp_path / "w_stream" / name, weights_only=True)
