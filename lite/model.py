@@ -106,6 +106,22 @@ def local_folder(source: str) -> str | None:
     return None
 
 
+# What a streamed run needs from a hub repository: config, weights, tokenizer and generation files.
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+def download(repo_id: str) -> str:
+    """The local folder of a hub model, downloaded into the Hugging Face cache (or found there), so that
+    it streams like any local folder."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+    except Exception as e:  # offline, unknown repo, gated, disk full: huggingface_hub raises many types
+        raise LiteError(f"could not download {repo_id} from the hub ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); pass a local model folder") from None
+
+
 def read_config(source: str, trust_remote_code: bool = False):
     """The model's config, with a one-line error for a missing, malformed or unknown `model_type`."""
     from transformers import AutoConfig

@@ -124,9 +124,13 @@ def identity_of(loaded: LoadedModel) -> dict:
 
 def open_source(model: str, work_path: str, dtype: str, trust_remote_code: bool, streamable: bool = True):
     """(model, WorkDir, streamed): a `StreamedModel` skeleton when MODEL is a local safetensors folder
-    that streams (and `streamable`), else the loaded model."""
+    (or a hub id, downloaded first) that streams (and `streamable`), else the loaded model."""
+    from lite import model as models
     from lite import source, stream
 
+    model = str(model)
+    if streamable and not model.startswith(models.TINY_PREFIX) and models.local_folder(model) is None:
+        model = models.download(model)
     if streamable and stream.is_streamable(model):
         sm = source.open_streamed(model, dtype, trust_remote_code)
         if sm is not None:

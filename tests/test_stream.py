@@ -229,3 +229,17 @@ def test_streamed_stages_reuse_full_load_artifacts(tmp_path, monkeypatch):
     run_stages(folder, str(tmp_path / "w_stream"), ("smooth", "export"), True, monkeypatch, no_smooth=True)
     run_stages(folder, str(tmp_path / "w_full"), ("smooth", "export"), False, monkeypatch, no_smooth=True)
     assert_same_work_dirs(str(tmp_path / "w_stream"), str(tmp_path / "w_full"))
+
+
+def test_a_hub_id_is_downloaded_then_streamed(tmp_path, monkeypatch):
+    """The hub code path with the download replaced by a local folder: the model is never loaded whole."""
+    from lite import model as models
+
+    folder = save_model(tmp_path, "llama")
+    asked = []
+    monkeypatch.setattr(models, "download", lambda repo_id: asked.append(repo_id) or folder)
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the hub model was loaded whole"))
+
+    out = pipeline.smooth_quant("some-org/some-model", str(tmp_path / "w"), CALIB, SmoothSettings(), device="cpu")
+
+    assert asked == ["some-org/some-model"] and os.path.isfile(os.path.join(out, "config.json"))
