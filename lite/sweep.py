@@ -4,6 +4,7 @@
       for step in steps: step.start(run)
       inputs = capture(source, tokens)             # block-0 inputs, from the model's own forward
       for each block i (block i+1 read ahead on a GPU):
+          for step in steps: step.prepare_(block)  # exact changes before it is observed
           hooks = every step's observers(block)    # none: no forward
           forward over the cached inputs with the hooks; remove them (also on an error)
           for step in steps: step.apply_(block)    # recipe order is phase order
@@ -243,6 +244,8 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
             for name, p in module.named_parameters():  # before the forward: a NaN is named where it is
                 check_finite(f"{prefix}.{name}", p, "weight")
             block = Block(i, prefix, module, arch, config)
+            for step in steps:
+                step.prepare_(block)
             hooks = [hook for step in steps for hook in step.observers(block)]
             if hooks:
                 assert tokens is not None, "a step observes activations, but the sweep was given no tokens"

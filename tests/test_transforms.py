@@ -65,7 +65,7 @@ def test_negative_controls_a_wrong_factor_changes_the_logits():
 
     broken = copy.deepcopy(model)
     broken.config.tie_word_embeddings = False
-    arch_writers = Rotate.apply_
+    arch_writers = Rotate.prepare_
 
     def readers_only(self, block):
         saved = block.arch.residual_writers
@@ -75,11 +75,11 @@ def test_negative_controls_a_wrong_factor_changes_the_logits():
         finally:
             object.__setattr__(block.arch, "residual_writers", saved)
 
-    Rotate.apply_ = readers_only
+    Rotate.prepare_ = readers_only
     try:
         transform_(broken, [FuseNorms(), Rotate(seed=3)])
     finally:
-        Rotate.apply_ = arch_writers
+        Rotate.prepare_ = arch_writers
     assert relative_difference(logits(broken, tokens), before) > 0.05
 
 

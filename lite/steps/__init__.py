@@ -3,6 +3,8 @@
 A step has a small lifecycle, every method optional (DESIGN.md):
 
     start(run)                 before block 0 (check the architecture, set up tables)
+    prepare_(block)            exact changes to the block before it is observed (fuse norms, rotate, fold
+                               given scales)
     observers(block)           hooks to attach for the block's calibration forward: [Hook]; none, no forward
     apply_(block)              after that forward (hooks already removed): fold, search, quantize
     end(run)                   after the last block

@@ -29,12 +29,16 @@ class Block:
     config: object
     absmax: dict = field(default_factory=dict)  # {linear fqn: max|x| of its input}, set by `statistics`
     scales: dict = field(default_factory=dict)  # {consumer linear fqn: migration scale s}, set by `smoothquant`
+    input_scales: dict = field(default_factory=dict)  # {linear fqn: static input scale}, set by `static_scales`
 
 
 class Step:
     """Base class of every step: each lifecycle method does nothing unless a step overrides it."""
 
     def start(self, run) -> None:
+        pass
+
+    def prepare_(self, block: Block) -> None:
         pass
 
     def observers(self, block: Block) -> list[Hook]:

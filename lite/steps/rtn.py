@@ -19,4 +19,4 @@ class Rtn(Step):
                             self.export_migration_scale)
         else:
             compressed_tensors.quantize_block_(block.module, block.prefix, block.arch, block.config, self.qdtype,
-                                               block.scales)
+                                               block.scales, block.input_scales)

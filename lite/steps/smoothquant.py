@@ -3,7 +3,7 @@
 for the quantizing step, which folds them into the producers or stores them on the QLinears."""
 
 from lite.archs import quantized_linears
-from lite.smooth import migration_scales
+from lite.smooth import fold_scales_, migration_scales
 from lite.steps.base import Block, Step
 
 SCALES = "migration_scales.pth"
@@ -11,18 +11,30 @@ SCALES = "migration_scales.pth"
 
 class SmoothQuant(Step):
     """From the statistics step's `block.absmax` (one pass), from `act_absmax` (`{linear fqn: max|X|}`,
-    statistics made earlier), or with `scales` given (`{consumer fqn: s}`, nothing computed)."""
+    statistics made earlier), or with `scales` given (`{consumer fqn: s}`, nothing computed). Given
+    scales with `fold` are folded into the norms and producers before the block is observed (so that
+    static scales see the smoothed inputs); otherwise the quantizing step folds or stores them."""
 
     def __init__(self, alpha: float = 0.3, w_stat: str = "lmdeploy", act_absmax: dict | None = None,
-                 scales: dict | None = None):
+                 scales: dict | None = None, fold: bool = False):
         self.alpha, self.w_stat, self.act_absmax, self.given = float(alpha), w_stat, act_absmax, scales
+        self.fold = fold
+        assert not fold or scales is not None, "SmoothQuant(fold=True) folds given scales"
         self.found = {}
 
-    def apply_(self, block: Block) -> None:
+    def _given_for(self, block: Block) -> dict:
         device = next(block.module.parameters()).device
+        return {fqn: s.to(device) for fqn, s in self.given.items() if fqn.startswith(block.prefix + ".")}
+
+    def prepare_(self, block: Block) -> None:
+        if self.fold:
+            fold_scales_(block.module, block.prefix, block.arch, block.config, self._given_for(block))
+
+    def apply_(self, block: Block) -> None:
         if self.given is not None:
-            block.scales = {fqn: s.to(device) for fqn, s in self.given.items() if fqn.startswith(block.prefix + ".")}
+            block.scales = {} if self.fold else self._given_for(block)
             return
+        device = next(block.module.parameters()).device
         if self.act_absmax is None:
             absmax = block.absmax
         else:

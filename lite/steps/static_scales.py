@@ -30,7 +30,8 @@ class StaticScales(Step):
             r = observer.result().float().cpu()
             check_finite(f"{block.prefix}.{group[0]}", r, "input range")
             scale = symmetric_scale(r, self.qdtype).reshape(1)  # (1,)
-            self.scales.update({f"{block.prefix}.{name}": scale for name in group})
+            block.input_scales.update({f"{block.prefix}.{name}": scale for name in group})
+        self.scales.update(block.input_scales)
         self._observed = []
 
 

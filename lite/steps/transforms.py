@@ -54,7 +54,7 @@ class FuseNorms(Step):
         _scale_columns_(head, gain)
         _set_identity_(final, arch.norm_offset)
 
-    def apply_(self, block: Block) -> None:
+    def prepare_(self, block: Block) -> None:
         for pair in block.arch.norm_pairs:
             fuse_pair_(block.module, pair, block.arch.norm_offset)
 
@@ -121,7 +121,7 @@ class Rotate(Step):
             embed.weight.copy_((embed.weight.double() @ self.q).to(embed.weight.dtype))  # (vocab, hidden)
             head.weight.copy_((head.weight.double() @ self.q).to(head.weight.dtype))  # reads the residual
 
-    def apply_(self, block: Block) -> None:
+    def prepare_(self, block: Block) -> None:
         q = self.q.to(next(block.module.parameters()).device)
         for pair in block.arch.norm_pairs:
             if not torch.all(_norm_gain(block.module.get_submodule(pair.norm), block.arch.norm_offset) == 1):
