@@ -142,14 +142,14 @@ def swap_linears_(block: nn.Module, prefix: str, arch, qdtype: torch.dtype, inpu
 
 
 def streaming_writer(folder: str, model: nn.Module, quant_dtype: str, max_shard_size, dtype: torch.dtype, tokenizer,
-                     source_folder: str | None, marker: tuple | None):
-    """The compressed-tensors layout (dynamic per-token activations) of `model` (a skeleton), written
-    as blocks arrive."""
+                     source_folder: str | None, marker: tuple | None, act: ActSettings = ActSettings()):
+    """The compressed-tensors layout of `model` (a skeleton), per-token or static activations (`act`),
+    written as blocks arrive."""
     from lite import export
 
-    qmodel = export.quantized_skeleton(model, quant_dtype, qrmsnorm=False)
+    qmodel = export.quantized_skeleton(model, quant_dtype, qrmsnorm=False, input_scale=act.static)
     qlinears = {name for name, module in qmodel.named_modules() if isinstance(module, QLinear)}
-    weights, inputs = scheme_args(quant_dtype, ActSettings())
+    weights, inputs = scheme_args(quant_dtype, act)
     config = quantization_config(weights, inputs, float_linears(qmodel), FORMAT_OF[quant_dtype_of(quant_dtype)])
     return export.CheckpointWriter(folder, qmodel, config, max_shard_size, dtype, tokenizer, source_folder, marker,
                                    rename=lambda name: ct_name(name, qlinears))

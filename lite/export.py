@@ -72,7 +72,7 @@ def quantize_model_(model: nn.Module, quant_dtype: str, scales: dict[str, torch.
 
 
 def quantized_skeleton(model: nn.Module, quant_dtype: str, export_migration_scale: bool = False,
-                       qrmsnorm: bool = True) -> nn.Module:
+                       qrmsnorm: bool = True, input_scale: bool = False) -> nn.Module:
     """A meta copy of `model` with the modules a checkpoint holds: every linear in the blocks a QLinear
     and, for lmdeploy's layout (`qrmsnorm`, without migration scales), the norms feeding them QRMSNorms
     (the same swap `load_quantized` does)."""
@@ -86,7 +86,8 @@ def quantized_skeleton(model: nn.Module, quant_dtype: str, export_migration_scal
         for name in quantized_linears(arch, block):
             linear = block.get_submodule(name)
             block.set_submodule(name, QLinear(linear.in_features, linear.out_features, linear.bias is not None,
-                                              qdtype, linear.weight.dtype, export_migration_scale, device="meta"))
+                                              qdtype, linear.weight.dtype, export_migration_scale, device="meta",
+                                              input_scale=input_scale))
     return qmodel
 
 

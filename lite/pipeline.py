@@ -324,8 +324,7 @@ def export(model, work_dir, quant_dtype="int8", export_migration_scale=False, ma
     check_batch_size(batch_size)
     with locked_work_dir(work_dir) as path:
         out_dir = prepare_out_dir(out_dir, path, model)
-        # Dynamic activations need no forward pass: stream the blocks shard in, shard out.
-        loaded, work, streamed = open_source(model, path, dtype, trust_remote_code, streamable=not act.static)
+        loaded, work, streamed = open_source(model, path, dtype, trust_remote_code)
         check_disk_space(loaded, out_dir)
         scales = None
         if no_smooth:
@@ -345,8 +344,12 @@ def export(model, work_dir, quant_dtype="int8", export_migration_scale=False, ma
                   "--no-smooth says this is intended)" + ("; every migration_scale will be ones"
                                                           if export_migration_scale else ""))
         if streamed:
+            calib = recorded_calib(work) if act.static else None
+            if act.static and calib is None:
+                raise LiteError("--act-scheme static needs calibration windows; run `lite calibrate` on this work dir "
+                                "first (its settings are reused) or use `lite smooth_quant`")
             return stream.stream_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size,
-                                        out_dir, device, dtype, fmt)
+                                        out_dir, device, dtype, fmt, act, calib, batch_size)
         return run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir,
                           fmt, act, recorded_calib(work) if act.static else None,
                           4 if batch_size == "auto" else batch_size, device, dtype)
@@ -367,23 +370,24 @@ def smooth_quant(model, work_dir, calib, smoothing: SmoothSettings, quant_dtype=
     with locked_work_dir(work_dir) as path:
         out_dir = prepare_out_dir(out_dir, path, model)
         calib = resolve_calib(path, calib)
-        one_pass = not act.static and not no_smooth and not smoothing.auto
-        loaded, work, streamed = open_source(model, path, dtype, trust_remote_code, streamable=one_pass)
+        streamable = not no_smooth and not smoothing.auto
+        loaded, work, streamed = open_source(model, path, dtype, trust_remote_code, streamable=streamable)
         check_seqlen(loaded.config, calib)
         check_disk_space(loaded, out_dir)
         if streamed:
             scales = reusable_scales(loaded, work, calib, smoothing, dtype)
             if scales is None:
                 inputs = reusable_statistics(loaded, work, calib, dtype)
-                if inputs is None:
+                if inputs is None and not act.static:
                     # Nothing to reuse: calibrate, smooth and export in one streamed pass over the blocks.
                     return stream.stream_smooth_quant(loaded, work, calib, smoothing, quant_dtype,
                                                       export_migration_scale, max_shard_size, out_dir, batch_size,
                                                       device, dtype, max_gpu_memory, fmt)
                 scales = stream.stream_smooth(loaded, work, calib, smoothing, inputs, batch_size, device, dtype,
                                               max_gpu_memory)
+            # Static scales observe the smoothed model: a second pass, after the scales exist.
             return stream.stream_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size,
-                                        out_dir, device, dtype, fmt)
+                                        out_dir, device, dtype, fmt, act, calib, batch_size, max_gpu_memory)
         batch_size = 4 if batch_size == "auto" else batch_size
         scales = None if no_smooth else ensure_scales(loaded, work, calib, smoothing, batch_size, device, dtype)
         return run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir,

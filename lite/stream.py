@@ -7,8 +7,9 @@ over a `lite.source.Shards` source, so that only one or two blocks' weights are 
   `[statistics, smoothquant]` when they must be made;
 - `stream_export`: `[smoothquant (given scales), rtn]`, no forward.
 
-Both formats with per-token activations stream: lmdeploy and compressed-tensors (dynamic); static
-activation scales load the model (pipeline.py).
+Every format and activation scheme streams: lmdeploy, compressed-tensors with per-token or static
+activation scales (then `[smoothquant (given scales, folded first), static_scales, rtn]` with the
+calibration windows).
 
 The result is the same as calibrate → smooth → export on the fully loaded model: the same artifacts
 in the work dir and the same checkpoint, tensor for tensor (bit for bit on the CPU).
@@ -22,12 +23,13 @@ from lite.errors import LiteError
 from lite import compressed_tensors, export
 from lite.folders import staged_folder, write_marker
 from lite.observers import ActSettings
-from lite.quant import QUANT_DTYPES
+from lite.quant import QUANT_DTYPES, quant_dtype_of
 from lite.settings import calib_record, export_settings, smoothing_record
 from lite.shards import checkpoint_files
 from lite.source import Shards, StreamedModel
 from lite.steps.rtn import Rtn
 from lite.steps.smoothquant import SmoothQuant
+from lite.steps.static_scales import StaticScales
 from lite.steps.stats import Statistics
 from lite.sweep import DEFAULT_MAX_GPU_MEMORY, Timer, sweep
 
@@ -60,12 +62,12 @@ def _tokens(sm: StreamedModel, calib):
 
 
 def _writer(folder, sm: StreamedModel, fmt: str, quant_dtype: str, export_migration_scale: bool, max_shard_size,
-            marker):
+            marker, act: ActSettings = ActSettings()):
     if fmt == "lmdeploy":
         return export.streaming_writer(folder, sm.model, quant_dtype, export_migration_scale, max_shard_size, sm.dtype,
                                        sm.tokenizer, sm.folder, marker)
     return compressed_tensors.streaming_writer(folder, sm.model, quant_dtype, max_shard_size, sm.dtype, sm.tokenizer,
-                                               sm.folder, marker)
+                                               sm.folder, marker, act)
 
 
 def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="int8", export_migration_scale=False,
@@ -129,18 +131,28 @@ def stream_smooth(sm: StreamedModel, work, calib, smoothing, inputs: dict | None
 
 
 def stream_export(sm: StreamedModel, work, scales: dict | None, quant_dtype="int8", export_migration_scale=False,
-                  max_shard_size="5GB", out_dir=None, device="cpu", dtype="auto", fmt="lmdeploy") -> str:
-    """`lite export` (`fmt`, dynamic activations) over the streamed blocks into `out_dir` (checked
-    by the caller): each block read, `scales` folded in (or stored), quantized and written; no forward
-    pass. The same checkpoint and manifest entry as `pipeline.run_export`; returns the output folder."""
+                  max_shard_size="5GB", out_dir=None, device="cpu", dtype="auto", fmt="lmdeploy", act=ActSettings(),
+                  calib=None, batch_size="auto", max_gpu_memory=DEFAULT_MAX_GPU_MEMORY) -> str:
+    """`lite export` over the streamed blocks into `out_dir` (checked by the caller); returns it.
+
+    Per-token activations: each block read, `scales` folded in (or stored), quantized and written; no
+    forward pass. Static activations (compressed-tensors): `scales` are folded into each block first,
+    the calibration windows of `calib` run through the smoothed block with static-scale observers,
+    then it is quantized and written. The same checkpoint and manifest entry as `pipeline.run_export`.
+    """
     timer = Timer(sm.opened_at or time.perf_counter())
-    _check_options(quant_dtype, "auto")
-    settings = export_settings(work, fmt, quant_dtype, ActSettings(), export_migration_scale, max_shard_size,
-                               dtype, bool(scales), None)
+    _check_options(quant_dtype, batch_size)
+    settings = export_settings(work, fmt, quant_dtype, act, export_migration_scale, max_shard_size,
+                               dtype, bool(scales), calib)
+    rtn = Rtn(quant_dtype, export_migration_scale, fmt)
+    if act.static:
+        steps = [SmoothQuant(scales=scales or {}, fold=True), StaticScales(act, quant_dtype_of(quant_dtype)), rtn]
+        tokens = _tokens(sm, calib)
+    else:
+        steps, tokens = [SmoothQuant(scales=scales or {}), rtn], None
     with staged_folder(out_dir) as tmp:
-        writer = _writer(tmp, sm, fmt, quant_dtype, export_migration_scale, max_shard_size, (work.path, settings))
-        summary = sweep(Shards(sm), [SmoothQuant(scales=scales or {}), Rtn(quant_dtype, export_migration_scale, fmt)],
-                        None, writer, device=device, timer=timer)
+        writer = _writer(tmp, sm, fmt, quant_dtype, export_migration_scale, max_shard_size, (work.path, settings), act)
+        summary = sweep(Shards(sm), steps, tokens, writer, batch_size, device, max_gpu_memory, timer)
     work.record("export", {**settings, "out_dir": out_dir})
     _print_timings(sm, timer, summary)
     print(f"wrote {out_dir}")

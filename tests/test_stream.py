@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from lite import pipeline, source, stream
 from lite.folders import MARKER
+from lite.observers import ActSettings
 from lite.model import build_tiny, byte_tokenizer, load_model, weights_hash
 from lite.settings import CalibSettings, SmoothSettings
 from lite.shards import ShardReader, ShardWriter
@@ -46,17 +47,22 @@ def assert_same_folders(a, b):
             assert fa.read() == fb.read(), f"{name} differs"
 
 
-@pytest.mark.parametrize("model_type,overrides,export_migration_scale,fmt", [
-    ("llama", {"tie_word_embeddings": False}, False, "lmdeploy"),
-    ("llama", {}, True, "lmdeploy"),  # tied embeddings, migration scales stored on the QLinears
-    ("gemma", {}, False, "lmdeploy"),  # offset norms, an embed_scale buffer rebuilt from the config
-    ("phi3", {"tie_word_embeddings": False}, False, "lmdeploy"),  # packed qkv_proj / gate_up_proj
-    ("llama", {}, False, "compressed-tensors"),  # norms stay plain, weight_scale names, ignore list
-    ("phi3", {"tie_word_embeddings": False}, False, "compressed-tensors"),
+@pytest.mark.parametrize("model_type,overrides,export_migration_scale,fmt,act", [
+    ("llama", {"tie_word_embeddings": False}, False, "lmdeploy", "dynamic"),
+    ("llama", {}, True, "lmdeploy", "dynamic"),  # tied embeddings, migration scales stored on the QLinears
+    ("gemma", {}, False, "lmdeploy", "dynamic"),  # offset norms, an embed_scale buffer rebuilt from the config
+    ("phi3", {"tie_word_embeddings": False}, False, "lmdeploy", "dynamic"),  # packed qkv_proj / gate_up_proj
+    ("llama", {}, False, "compressed-tensors", "dynamic"),  # norms stay plain, weight_scale names, ignore list
+    ("phi3", {"tie_word_embeddings": False}, False, "compressed-tensors", "dynamic"),
+    ("llama", {}, False, "compressed-tensors", "minmax"),  # static input scales, observed on the smoothed model
+    ("qwen2", {}, False, "compressed-tensors", "mse"),
+    ("phi3", {"tie_word_embeddings": False}, False, "compressed-tensors", "percentile"),
 ])
-def test_streamed_equals_full_load(tmp_path, monkeypatch, model_type, overrides, export_migration_scale, fmt):
+def test_streamed_equals_full_load(tmp_path, monkeypatch, model_type, overrides, export_migration_scale, fmt, act):
     folder = save_model(tmp_path, model_type, **overrides)
-    streamed, full = run_both(tmp_path, folder, monkeypatch, export_migration_scale=export_migration_scale, fmt=fmt)
+    act = ActSettings() if act == "dynamic" else ActSettings("static", act)
+    streamed, full = run_both(tmp_path, folder, monkeypatch, export_migration_scale=export_migration_scale, fmt=fmt,
+                              act=act)
     assert_same_folders(streamed, full)  # bit for bit: every tensor, config.json, index, tokenizer
     for name in ("inputs_stats.pth", "outputs_stats.pth", "migration_scales.pth"):
         x = torch.load(tmp_path / "w_stream" / name, weights_only=True)
