@@ -173,6 +173,9 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch-size", default="auto")
     p.add_argument("--max-gpu-memory", default="8GiB")
+    p.add_argument("--format", default="lmdeploy", help="lmdeploy or compressed-tensors")
+    p.add_argument("--act-scheme", default="dynamic", help="dynamic or static (compressed-tensors)")
+    p.add_argument("--act-observer", default="minmax")
     p.add_argument("--root", default="/tmp/lite-bench", help="folder for the checkpoint, work dir and output")
     p.add_argument("--drop-caches", action="store_true", help="drop the page cache before each read (root only)")
     p.add_argument("--no-floors", action="store_true")
@@ -191,9 +194,10 @@ def main():
     cold = drop_caches() if args.drop_caches else False
     argv = [sys.executable, "-c", CLI, "smooth_quant", model, "--work-dir", work, "--calib-dataset", "random",
             "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen), "--device", args.device,
-            "--batch-size", str(args.batch_size), "--max-gpu-memory", args.max_gpu_memory, "--verbose"]
+            "--batch-size", str(args.batch_size), "--max-gpu-memory", args.max_gpu_memory, "--verbose",
+            "--format", args.format, "--act-scheme", args.act_scheme, "--act-observer", args.act_observer]
     wall, rss, output = run_child(argv)
-    timings = next(line for line in output.splitlines() if line.startswith("timings "))
+    timings = [line for line in output.splitlines() if line.startswith("timings ")][-1]  # static: two passes
     import_wall = float(next(line for line in output.splitlines() if line.startswith("imports_s ")).split()[1])
     stages = dict(item.split("=") for item in timings.split()[1:])
     out_dir = os.path.join(work, "quantized")
