@@ -113,10 +113,10 @@ def export(model: str, work_dir: str = None, recipe: str = None, quant_dtype: st
     or per tensor with calibrated static scales) and writes sharded safetensors, config.json with
     quantization_config and the tokenizer files. lmdeploy format also turns the norms feeding the
     linears into QRMSNorm; compressed-tensors keeps them plain with the smoothing folded in. The
-    folder appears only when complete; it is then read back and its logits compared with the
-    in-memory model's. For a local safetensors folder in lmdeploy format with dynamic activations,
+    folder appears only when complete. For a local safetensors folder or a hub id (downloaded first),
     the model is never loaded whole: each block is read from the shards, quantized and written to
-    the output shards in turn (no read-back check then; the result is the same, tensor for tensor).
+    the output shards in turn (static scales: the calibration windows run through each smoothed
+    block first). A model loaded whole (tiny:) is read back and its logits compared instead.
 
     Args:
         model: a local model folder, a hub id, or tiny:<model_type>.
@@ -158,9 +158,10 @@ def smooth_quant(model: str, work_dir: str = None, recipe: str = None, quant_dty
                  act_percentile: float = ACT.act_percentile, no_smooth: bool = False, max_gpu_memory: str = "8GiB"):
     """Calibrate, smooth and export in one command, reusing artifacts in WORK_DIR made with the same settings.
 
-    For a local folder of safetensors with no statistics or scales in WORK_DIR yet (lmdeploy format,
-    dynamic activations), all three run in one pass over the decoder blocks, streamed from the shards:
-    memory for one or two blocks and the calibration activations, not for the model.
+    For a local folder of safetensors (or a hub id, downloaded first) with no statistics or scales in
+    WORK_DIR yet, all three run in one pass over the decoder blocks, streamed from the shards: memory
+    for one or two blocks and the calibration activations, not for the model. --alpha auto loads the
+    whole model (on --device for the search) and refuses one that does not fit.
 
     With --act-scheme static the smoothed model is run over the calibration windows once more to
     calibrate one input scale per linear, so the scales describe the inputs the linears will see.

@@ -21,6 +21,9 @@ class Recorder(Step):
     def start(self, run):
         self.log.append((self.name, "start"))
 
+    def prepare_(self, block):
+        self.log.append((self.name, "prepare_", block.index))
+
     def observers(self, block):
         self.log.append((self.name, "observers", block.index))
         step = self
@@ -46,7 +49,7 @@ class Recorder(Step):
         return {}
 
 
-def test_lifecycle_order_is_start_then_each_block_in_recipe_order_then_end():
+def test_lifecycle_order_is_start_then_each_block_in_recipe_order_then_end_and_artifacts():
     model, log = build_tiny("llama", num_hidden_layers=3), []
     steps = [Recorder("a", log), Recorder("b", log)]
 
@@ -54,8 +57,8 @@ def test_lifecycle_order_is_start_then_each_block_in_recipe_order_then_end():
     for step in steps:
         step.artifacts()  # asked for by the stage once the sweep is done
 
-    per_block = [x for i in range(3) for x in [("a", "observers", i), ("b", "observers", i),
-                                                ("a", "apply_", i), ("b", "apply_", i)]]
+    per_block = [x for i in range(3) for x in [("a", "prepare_", i), ("b", "prepare_", i), ("a", "observers", i),
+                                                ("b", "observers", i), ("a", "apply_", i), ("b", "apply_", i)]]
     assert log == [("a", "start"), ("b", "start"), *per_block, ("a", "end"), ("b", "end"),
                    ("a", "artifacts"), ("b", "artifacts")]
     assert steps[0].seen == 3 * 2 * 8  # every token through every block's down_proj
