@@ -6,13 +6,13 @@ chosen at random with a fixed seed; each starts with BOS when the tokenizer has 
 sees text at inference.
 """
 
-import hashlib
 import json
 import os
 
 import torch
 
 from lite.errors import LiteError
+from lite.folders import file_sha256
 
 SAMPLE_TEXT = os.path.join(os.path.dirname(__file__), "data", "sample.txt")
 RANDOM = "random"  # uniform random token ids: see `calibration_tokens`
@@ -58,11 +58,7 @@ def data_fingerprint(dataset: str) -> str | None:
     path = SAMPLE_TEXT if dataset == "sample" else dataset
     if dataset in DATASETS and dataset != "sample" or not os.path.isfile(path):
         return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def read_text_file(path: str) -> str:
