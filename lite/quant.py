@@ -69,3 +69,144 @@ def all_finite(t: torch.Tensor) -> bool:
     if t.numel() == 0 or not t.is_floating_point():
         return True
     return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
+# ---------------------------------------------------------------------------- weight-only int2..int8 (issue 10)
+
+def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The integer codes of a `bits`-bit grid: symmetric `[-2^(b-1), 2^(b-1) - 1]`, asymmetric `[0, 2^b - 1]`."""
+    assert 2 <= bits <= 8, f"bits must lie in 2..8, got {bits}"
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if symmetric else (0, (1 << bits) - 1)
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`(out, in)` -> `(out, groups, group_size)`; `group_size` -1 means one group per row."""
+    out, inp = w.shape
+    g = inp if group_size == -1 else group_size
+    assert inp % g == 0, f"in_features {inp} is not a multiple of group_size {g}"
+    return w.reshape(out, inp // g, g)
+
+
+def weight_qparams(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool = True,
+                   clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale `(out, groups)` fp32, zero `(out, groups)` int32 or None) of a weight `(out, in)`.
+
+    Symmetric: `scale = c · absmax / qmax` (qmax = 2^(b-1) - 1, as lite's int8), codes clamped to
+    `int_range`. Asymmetric: the group's range, widened to hold 0, `c` times, over `2^b - 1` steps;
+    `zero = round(-min / scale)`, so that 0 is exact. `clip` (c, a number or `(out, groups)`) narrows
+    the range (`mse_clip` chooses it); 1 keeps every value inside the grid.
+    """
+    x = _grouped(w.float(), group_size)  # (out, groups, g)
+    low, high = int_range(bits, symmetric)
+    if symmetric:
+        absmax = x.abs().amax(dim=-1) * clip  # (out, groups)
+        return torch.where(absmax > 0, absmax / high, torch.ones_like(absmax)), None
+    lo = x.amin(dim=-1).clamp(max=0) * clip
+    hi = x.amax(dim=-1).clamp(min=0) * clip
+    scale = (hi - lo) / (high - low)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-lo / scale).clamp(low, high).to(torch.int32)
+    return scale, zero
+
+
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                    group_size: int = -1) -> torch.Tensor:
+    """Integer codes `(out, in)` int32 of `w` on the grid `(scale, zero)` (`zero` None: symmetric)."""
+    x = _grouped(w.float(), group_size)  # (out, groups, g)
+    low, high = int_range(bits, zero is None)
+    q = torch.round(x / scale[..., None])
+    if zero is not None:
+        q = q + zero[..., None]
+    return q.clamp_(low, high).to(torch.int32).reshape(w.shape)
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                      group_size: int = -1) -> torch.Tensor:
+    """fp32 `(out, in)` from codes: `(q - zero) · scale` per group."""
+    x = _grouped(q.float(), group_size)  # (out, groups, g)
+    if zero is not None:
+        x = x - zero[..., None]
+    return (x * scale[..., None]).reshape(q.shape)
+
+
+MSE_CLIPS = torch.linspace(0.5, 1.0, 51)  # the clip ratios c that `mse_clip` tries, 1.0 included
+
+
+def mse_clip(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool = True,
+             clips: torch.Tensor = MSE_CLIPS) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`weight_qparams` with each group's clip ratio c (from `clips`) chosen to minimize that group's
+    squared quantize-dequantize error; never worse than c = 1 when 1 is among `clips`."""
+    best_err, best = None, None
+    x = _grouped(w.float(), group_size)
+    for c in clips.tolist():
+        scale, zero = weight_qparams(w, bits, group_size, symmetric, c)
+        err = (_grouped(dequantize_weight(quantize_weight(w, scale, zero, bits, group_size), scale, zero,
+                                          group_size), group_size) - x).pow(2).sum(dim=-1)  # (out, groups)
+        if best is None:
+            best_err, best = err, (scale, zero)
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = (torch.where(better, scale, best[0]),
+                None if zero is None else torch.where(better, zero, best[1]))
+    return best
+
+
+def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes `(..., n)` in `[0, 2^bits)` packed densely little-endian along the last dimension
+    into int32 words `(..., ceil(n·bits / 32))`: element i holds bits [i·b, i·b + b) of the word stream
+    (for int4, element 0 is the lowest nibble of word 0)."""
+    assert int(q.min()) >= 0 and int(q.max()) < (1 << bits), f"codes must lie in [0, 2^{bits})"
+    *lead, n = q.shape
+    shifts = torch.arange(bits)
+    stream = ((q.to(torch.int64)[..., None] >> shifts) & 1).reshape(*lead, n * bits)  # (..., n·b) bits
+    words = -(-n * bits // 32)
+    stream = torch.nn.functional.pad(stream, (0, words * 32 - n * bits)).reshape(*lead, words, 32)
+    packed = (stream << torch.arange(32)).sum(dim=-1)  # (..., words) in [0, 2^32)
+    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The inverse of `pack_int32`: `(..., words)` int32 -> codes `(..., n)` int32."""
+    *lead, words = packed.shape
+    stream = ((packed.to(torch.int64) & 0xFFFFFFFF)[..., None] >> torch.arange(32)) & 1  # (..., words, 32)
+    stream = stream.reshape(*lead, words * 32)[..., : n * bits].reshape(*lead, n, bits)
+    return (stream << torch.arange(bits)).sum(dim=-1).to(torch.int32)
+
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ GEMM: nibble j of a word holds column AWQ_ORDER[j] of its 8
+
+
+def pack_awq(q: torch.Tensor) -> torch.Tensor:
+    """4-bit codes `(rows, cols)` (cols a multiple of 8) -> int32 `(rows, cols / 8)` in AutoAWQ's GEMM order."""
+    rows, cols = q.shape
+    assert cols % 8 == 0, f"AWQ packs 8 columns per word; {cols} columns"
+    grouped = q.reshape(rows, cols // 8, 8)[..., list(AWQ_ORDER)]  # (rows, words, 8), nibble order
+    return pack_int32(grouped, 4).reshape(rows, cols // 8)
+
+
+def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    rows, words = packed.shape
+    nibbles = unpack_int32(packed[..., None], 4, 8)  # (rows, words, 8) in nibble order
+    inverse = [AWQ_ORDER.index(j) for j in range(8)]
+    return nibbles[..., inverse].reshape(rows, words * 8)
+
+
+def pack_gptq(q: torch.Tensor, zero: torch.Tensor, bits: int, checkpoint_format: str = "gptq"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's (`qweight` `(in·b/32, out)`, `qzeros` `(groups, out·b/32)`) from unsigned codes `(out, in)` and
+    zero points `(out, groups)`: codes packed along the input dimension, zeros along the output one;
+    `checkpoint_format` "gptq" (v1) stores zero - 1, "gptq_v2" the zero itself."""
+    assert checkpoint_format in ("gptq", "gptq_v2"), f"unknown GPTQ checkpoint format {checkpoint_format!r}"
+    stored = zero - 1 if checkpoint_format == "gptq" else zero
+    stored = stored & ((1 << bits) - 1)  # v1 stores a zero of 0 as -1: all ones in `bits` bits
+    return pack_int32(q, bits).T.contiguous(), pack_int32(stored.T.contiguous(), bits)
+
+
+def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, bits: int, in_features: int, out_features: int,
+                checkpoint_format: str = "gptq") -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `pack_gptq`: (codes `(out, in)`, zero points `(out, groups)`)."""
+    q = unpack_int32(qweight.T.contiguous(), bits, in_features)
+    stored = unpack_int32(qzeros, bits, out_features).T.contiguous()  # (out, groups)
+    zero = (stored + 1) & ((1 << bits) - 1) if checkpoint_format == "gptq" else stored
+    return q, zero
