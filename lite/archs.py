@@ -102,6 +102,19 @@ ARCHS: dict[str, Arch] = {
     "qwen3": _LLAMA,
     "phi3": _PHI3,
     "gemma": _GEMMA,
+    # Llama-shaped blocks (issue 11): smoothing folds exactly, streamed == loaded, on a tiny model of each.
+    # Not yet: types with sliding-window layers (ministral, granite_swa, cwm: calibration would use full
+    # attention), exaone (other module names) and doge (a dt_proj in attention).
+    "internlm3": _LLAMA,
+    "iquestcoder": _LLAMA,
+    "ministral3": _LLAMA,
+    "helium": _LLAMA,
+    "granite": _LLAMA,
+    "seed_oss": _LLAMA,
+    "smollm3": _LLAMA,
+    "hunyuan_v1_dense": _LLAMA,
+    "ernie4_5": _LLAMA,
+    "hyperclovax": _LLAMA,
 }
 
 
