@@ -66,7 +66,7 @@ def test_bad_recipes_are_refused_before_any_work(tmp_path, capsys, text, expecte
     assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("name", ["w8a8-int8.yaml", "w8a8-int8-static.yaml",
+@pytest.mark.parametrize("name", ["w8a8-int8.yaml", "w8a8-int8-static.yaml", "w8a8-int8-vllm.yaml", "w8a8-fp8.yaml",
                                   "w8a8-int8-rotate-static.yaml"])
 def test_shipped_recipes_are_valid(name):
     from lite.recipe import load
