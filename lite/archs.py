@@ -148,3 +148,40 @@ def quantized_linears(arch: Arch, block) -> list[str]:
         for name, module in block.named_modules()
         if isinstance(module, nn.Linear) and name not in arch.keep_float
     ]
+
+
+def check_record(arch: Arch, model) -> None:
+    """Refuse a model the record does not describe, naming the first module that is missing or of the
+    wrong kind (instead of a KeyError deep in a stage): the embeddings, blocks, final norm and lm_head,
+    and in block 0 every norm and linear the record names, the linears reading a norm as wide as it."""
+    import torch.nn as nn
+
+    model_type = getattr(model.config, "model_type", None)
+
+    def fail(what: str) -> None:
+        raise LiteError(f"the lite record for model_type {model_type!r} does not fit this model: {what}; "
+                        "the model's modules differ from the family's (see lite/archs.py)")
+
+    def get(root, name: str, where: str):
+        try:
+            return root.get_submodule(name)
+        except AttributeError:
+            fail(f"{where} has no module {name}")
+
+    for name in (arch.embed, arch.final_norm, arch.lm_head):
+        get(model, name, "the model")
+    blocks = get(model, arch.blocks, "the model")
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        fail(f"{arch.blocks} is not a list of decoder blocks")
+    block, where = blocks[0], f"block {arch.blocks}.0"
+    for pair in arch.norm_pairs:
+        norm = get(block, pair.norm, where)
+        width = getattr(getattr(norm, "weight", None), "shape", (None,))[0]
+        for name in pair.linears:
+            linear = get(block, name, where)
+            if not isinstance(linear, nn.Linear) or linear.in_features != width:
+                fail(f"{name} is not a linear reading {pair.norm}'s {width} channels")
+    for name in [p.producer for p in arch.linear_pairs] + [p.consumer for p in arch.linear_pairs] + \
+            list(arch.residual_writers):
+        if not isinstance(get(block, name, where), nn.Linear):
+            fail(f"{where}.{name} is not a linear")

@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import torch
 
-from lite.archs import quantized_linears
+from lite.archs import check_record, quantized_linears
 from lite.calibrate import STATS
 from lite.data import calibration_tokens
 from lite.errors import LiteError
@@ -134,8 +134,10 @@ def open_source(model: str, work_path: str, dtype: str, trust_remote_code: bool,
     if streamable and stream.is_streamable(model):
         sm = source.open_streamed(model, dtype, trust_remote_code)
         if sm is not None:
+            check_record(sm.arch, sm.model)
             return sm, WorkDir(work_path, source.identity(sm)), True
     loaded = load_model(model, dtype, trust_remote_code)
+    check_record(loaded.arch, loaded.model)
     return loaded, WorkDir(work_path, identity_of(loaded)), False
 
 

@@ -66,6 +66,11 @@ def open_streamed(source: str, dtype: str = "auto", trust_remote_code: bool = Fa
         small.layer_types = []
     helper = dict(AutoModelForCausalLM.from_config(small, dtype=torch_dtype, trust_remote_code=trust_remote_code)
                   .named_buffers())
+    # Checkpoints whose names transformers maps at load time (other prefixes, fused experts) are not
+    # streamed yet: the caller loads them with transformers instead.
+    tied = f"{arch.lm_head}.weight" if getattr(config, "tie_word_embeddings", False) else None
+    if any(name not in reader and name != tied for name, _ in model.named_parameters()):
+        return None
     for name, _ in list(model.named_buffers()):
         if name in helper:
             _set_tensor(model, name, helper[name].clone(), parameter=False)

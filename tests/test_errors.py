@@ -427,3 +427,34 @@ def test_export_without_scales_says_so(tmp_path, capsys):
     capsys.readouterr()
     main(["export", "tiny:llama", "--work-dir", str(tmp_path / "work"), "--no-smooth"])
     assert "without SmoothQuant" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "loaded"])
+def test_a_record_that_does_not_fit_the_model_is_one_line(tmp_path, capsys, monkeypatch, streamed):
+    """A family given the wrong record (here llama blocks read with phi3's packed names): lite names the
+    mismatch before any work instead of failing with a KeyError inside a stage."""
+    from lite import archs
+
+    monkeypatch.setitem(archs.ARCHS, "llama", archs.ARCHS["phi3"])
+    folder, work = tmp_path / "model", tmp_path / "work"
+    save_tiny(folder, "llama")
+    args = ["smooth_quant", folder, "--work-dir", work, *CALIB] + ([] if streamed else ["--alpha", "auto"])
+
+    message = lite_error(capsys, *args)
+
+    assert "does not fit this model" in message and "'llama'" in message and "self_attn.qkv_proj" in message
+    assert not (work / "quantized").exists() and not (work / "inputs_stats.pth").exists()
+
+
+def test_checkpoint_names_transformers_maps_at_load_time_are_loaded_not_streamed(tmp_path, monkeypatch):
+    """exaone's checkpoint keys differ from its modules' names (transformers renames them when loading):
+    such a folder goes through transformers' loader instead of ending in a KeyError."""
+    from lite import archs
+
+    monkeypatch.setitem(archs.ARCHS, "exaone", archs.ARCHS["llama"])
+    folder, work = tmp_path / "model", tmp_path / "work"
+    save_tiny(folder, "exaone")
+
+    main(["smooth_quant", str(folder), "--work-dir", str(work), *CALIB])
+
+    assert (work / "quantized" / "config.json").is_file()
