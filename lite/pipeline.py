@@ -26,8 +26,8 @@ from lite.smooth import check_finite, migration_scales
 from lite.source import Loaded
 from lite.steps.smoothquant import SCALES
 from lite.steps.stats import INPUTS_STATS, OUTPUTS_STATS, collect_statistics
-from lite.settings import (CalibSettings, SmoothSettings, calib_record, check_quant_dtype, describe_calib,
-                           export_settings, smoothing_record)
+from lite.settings import (CalibSettings, SmoothSettings, calib_record, check_batch_size, check_quant_dtype,
+                           describe_calib, export_settings, smoothing_record)
 from lite.workdir import MANIFEST, WorkDir, locked_work_dir
 
 
@@ -81,12 +81,6 @@ def check_device(device: str | None) -> str:
     if kind not in ("cuda", "cpu"):
         raise LiteError(f"--device {device!r}: lite runs on cuda or cpu")
     return device
-
-
-def check_batch_size(batch_size) -> None:
-    if batch_size != "auto" and not (isinstance(batch_size, int) and not isinstance(batch_size, bool)
-                                     and batch_size >= 1):
-        raise LiteError(f"--batch-size must be a positive integer or auto, got {batch_size!r}")
 
 
 def check_seqlen(config, calib: CalibSettings) -> None:

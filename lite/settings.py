@@ -66,6 +66,12 @@ def check_quant_dtype(quant_dtype: str) -> None:
         raise LiteError(f"--quant-dtype {quant_dtype!r} is not one of: {', '.join(QUANT_DTYPES)}")
 
 
+def check_batch_size(batch_size) -> None:
+    if batch_size != "auto" and not (isinstance(batch_size, int) and not isinstance(batch_size, bool)
+                                     and batch_size >= 1):
+        raise LiteError(f"--batch-size must be a positive integer or auto, got {batch_size!r}")
+
+
 def describe_calib(calib: CalibSettings) -> str:
     return (f"{calib.calib_samples} x {calib.calib_seqlen} tokens of {os.path.basename(str(calib.calib_dataset))}"
             f", seed {calib.seed}")

@@ -19,12 +19,11 @@ import os
 import time
 
 from lite.data import calibration_tokens
-from lite.errors import LiteError
 from lite import compressed_tensors, export
 from lite.folders import staged_folder, write_marker
 from lite.observers import ActSettings
-from lite.quant import QUANT_DTYPES, quant_dtype_of
-from lite.settings import calib_record, export_settings, smoothing_record
+from lite.quant import quant_dtype_of
+from lite.settings import calib_record, check_batch_size, check_quant_dtype, export_settings, smoothing_record
 from lite.shards import checkpoint_files
 from lite.source import Shards, StreamedModel
 from lite.steps.rtn import Rtn
@@ -42,10 +41,8 @@ def is_streamable(source: str) -> bool:
 
 
 def _check_options(quant_dtype, batch_size) -> None:
-    if quant_dtype not in QUANT_DTYPES:
-        raise LiteError(f"--quant-dtype {quant_dtype!r} is not one of: {', '.join(QUANT_DTYPES)}")
-    if batch_size != "auto" and not (isinstance(batch_size, int) and batch_size >= 1):
-        raise LiteError(f"--batch-size must be a positive integer or auto, got {batch_size!r}")
+    check_quant_dtype(quant_dtype)
+    check_batch_size(batch_size)
 
 
 def _print_timings(sm: StreamedModel, timer: Timer, summary: dict) -> None:
