@@ -1,9 +1,6 @@
-"""The layer-wise runner and per-channel activation statistics.
-
-Calibration tokens go through the model one decoder block at a time: the inputs of block 0 are
-captured with a forward pre-hook that stops the forward early, then each block in turn is moved to
-the device, run over every cached batch with observers on its linears and norms, and moved back.
-Only one block's weights and the cached hidden states are on the device at any time.
+"""Pieces the block loop (`lite/sweep.py`) and `--alpha auto` (`lite/search.py`) share: per-channel
+running statistics, the capture of block 0's inputs (a forward pre-hook that stops the model's own
+forward early), running a block over cached batches, and hook removal.
 """
 
 from contextlib import contextmanager

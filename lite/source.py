@@ -122,6 +122,8 @@ def identity(sm: StreamedModel) -> dict:
 class Loaded:
     """A model in memory (on the CPU): a block goes to the device for its turn and back after it."""
 
+    reads_embeddings = False  # the model's own embeddings serve the capture of block 0's inputs
+
     def __init__(self, model: nn.Module, arch):
         self.model, self.arch, self.config = model, arch, model.config
         self.dtype = next(model.parameters()).dtype
@@ -155,6 +157,8 @@ class Loaded:
 
 class Shards:
     """A `StreamedModel`: blocks read from the checkpoint files, on the read thread, and freed after their turn."""
+
+    reads_embeddings = True  # the sweep assembles them on the device from the shards (`set_embeddings`)
 
     def __init__(self, sm: StreamedModel):
         self.sm, self.model, self.arch, self.config, self.dtype = sm, sm.model, sm.arch, sm.config, sm.dtype

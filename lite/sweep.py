@@ -194,12 +194,12 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
     bar = tqdm(prefixes, desc="blocks", unit="block", dynamic_ncols=True, disable=not progress)
     try:
         embed_name = source.embed_name
-        if (tokens is not None and hasattr(source, "set_embeddings")) or sink is not None:
+        if (tokens is not None and source.reads_embeddings) or sink is not None:
             # The embeddings (1 GB and more) pass through CPU memory a chunk of rows at a time: to the
             # output, and to the device for the model's own forward up to the first block.
             embed_shape = source.shape(embed_name)
             embed = torch.empty(embed_shape, dtype=source.dtype, device=device) \
-                if tokens is not None and hasattr(source, "set_embeddings") else None
+                if tokens is not None and source.reads_embeddings else None
             for rows in row_chunks(*embed_shape):
                 part = source.read_rows(embed_name, rows.start, rows.stop)  # (rows, hidden)
                 if sink is not None:
