@@ -263,8 +263,65 @@ def run(recipe: str, model: str, work_dir: str = None, out_dir: str = None, cali
                         trust_remote_code)
 
 
-COMMANDS = {"calibrate": calibrate, "smooth": smooth, "export": export, "smooth_quant": smooth_quant, "run": run,
-            "eval": eval}
+def auto_gptq(model: str, work_dir: str = None, recipe: str = None, w_bits: int = 4, w_group_size: int = 128,
+              w_sym: bool = True, act_order: bool = True, damp: float = 0.01, mse_clip: bool = True,
+              format: str = "compressed-tensors", calib_dataset: str = CALIB.calib_dataset,
+              calib_samples: int = CALIB.calib_samples, calib_seqlen: int = CALIB.calib_seqlen, seed: int = CALIB.seed,
+              batch_size: int | str = "auto", max_shard_size: str = "5GB", out_dir: str = None, device: str = None,
+              dtype: str = "auto", trust_remote_code: bool = False, max_gpu_memory: str = "8GiB"):
+    """Weight-only quantization with GPTQ (Frantar et al. 2022): each linear's weights rounded to
+    --w-bits integers one input column at a time, each column's rounding error spread over the columns
+    not yet rounded so that the linear's outputs on the calibration data move as little as possible.
+
+    One pass over the decoder blocks, streamed from a local safetensors folder (a hub id is downloaded
+    first): per block, the calibration activations run through it while the Hessians of its linears
+    are summed (q/k/v share one, gate/up another), its linears are solved and swapped, and the block
+    runs again so that the next one sees the quantized outputs. The checkpoint is written to
+    WORK_DIR/quantized (or --out-dir) as the blocks finish; nothing else is kept in WORK_DIR but the
+    manifest's record.
+
+    Args:
+        model: a local model folder, a hub id, or tiny:<model_type>.
+        work_dir: folder for the manifest and (by default) the checkpoint.
+        recipe: a YAML file of flag values for the whole job (see configs/w4a16-gptq.yaml); flags given on
+            the command line win over it.
+        w_bits: bits per weight, 2 to 8 (4: W4A16).
+        w_group_size: input columns sharing one scale (and zero point), e.g. 128; -1: one per output channel.
+            Must divide every linear's in_features.
+        w_sym: true: symmetric codes, no zero points (what vLLM's Marlin kernels and lmdeploy take);
+            false: a zero point per group (more accurate; vLLM falls back to a slower kernel for GPTQ).
+        act_order: quantize columns in order of decreasing activation energy (diag of the Hessian), with
+            each group's scale fixed before the columns move ("static groups"), so the group map stays
+            trivial and every engine loads it.
+        damp: added to the Hessian diagonal, relative to its mean (0.01); raised tenfold, with a message,
+            while the Hessian does not factorize.
+        mse_clip: choose each group's clipping range (51 ratios from 0.5 to 1 of its full range) by the
+            least squared weight error, each input column weighted by its activation energy (default);
+            false: the full range.
+        format: compressed-tensors (pack-quantized; vLLM, SGLang, transformers; default), gptq (GPTQModel,
+            vLLM, lmdeploy; gptq_v2 when asymmetric) or awq (4 bits, groups; lmdeploy TurboMind, vLLM).
+            Each refuses, before any work, what its engines cannot load.
+        calib_dataset: wikitext2, c4, pileval, ptb, sample, or a .txt/.jsonl/.parquet file.
+        calib_samples: number of calibration sequences.
+        calib_seqlen: tokens per calibration sequence, at most the model's max_position_embeddings.
+        seed: seed for choosing the calibration windows.
+        batch_size: sequences per forward call, or auto: as many as --max-gpu-memory allows when
+            streaming (4 otherwise).
+        max_shard_size: largest safetensors shard, e.g. 5GB.
+        out_dir: where the checkpoint goes (default WORK_DIR/quantized).
+        device: cuda (default when available) or cpu.
+        dtype: auto, float32, float16 or bfloat16.
+        trust_remote_code: allow model code from the hub.
+        max_gpu_memory: device memory the streamed run plans for, e.g. 8GiB (see `lite smooth_quant --help`).
+    """
+    calib = CalibSettings(calib_dataset, calib_samples, calib_seqlen, seed)
+    gptq = dict(bits=w_bits, group_size=w_group_size, symmetric=w_sym, damp=damp, act_order=act_order, mse=mse_clip)
+    pipeline.quantize_weights(model, work_dir, [("gptq", gptq)], format, calib, out_dir, max_shard_size, batch_size,
+                              device, dtype, trust_remote_code, max_gpu_memory)
+
+
+COMMANDS = {"calibrate": calibrate, "smooth": smooth, "export": export, "smooth_quant": smooth_quant,
+            "auto_gptq": auto_gptq, "run": run, "eval": eval}
 USAGE = """usage: lite COMMAND MODEL [flags]     (lite COMMAND --help for its flags; lite --version)
 
 commands:
@@ -272,6 +329,7 @@ commands:
     smooth         SmoothQuant migration scales -> WORK_DIR/migration_scales.pth
     export         quantize and write a checkpoint -> WORK_DIR/quantized
     smooth_quant   all three in one command, reusing what WORK_DIR holds
+    auto_gptq      weight-only int4 (or 2-8 bits) with GPTQ -> WORK_DIR/quantized
     run            a step recipe (configs/recipes/*.yaml): transforms, SmoothQuant, static scales, round to nearest
     eval           perplexity of float models and checkpoints side by side
 

@@ -13,7 +13,7 @@ import os
 import torch
 import torch.nn as nn
 
-from lite import compressed_tensors, export
+from lite import compressed_tensors, export, weight_only
 from lite.errors import LiteError
 from lite.folders import replace_folder
 from lite.observers import ActSettings
@@ -21,7 +21,8 @@ from lite.observers import ActSettings
 # --format name -> quant_method written to config.json
 FORMATS = {"lmdeploy": export.QUANT_METHOD, "compressed-tensors": compressed_tensors.QUANT_METHOD}
 # quant_method in config.json -> the reader that builds a model computing what the engine computes
-READERS = {export.QUANT_METHOD: export.load_quantized, compressed_tensors.QUANT_METHOD: compressed_tensors.load_compressed_tensors}
+READERS = {export.QUANT_METHOD: export.load_quantized, compressed_tensors.QUANT_METHOD: compressed_tensors.load_compressed_tensors,
+           "awq": weight_only.load_weight_only, "gptq": weight_only.load_weight_only}
 # Largest |logit| difference, relative to the largest |logit|, between the in-memory quantized model
 # and the checkpoint read back. Both compute the same thing from the same tensors, so anything beyond
 # fp32 reordering noise means the folder does not hold what was computed.
@@ -62,18 +63,29 @@ def quant_method_of(folder: str) -> str | None:
 
 
 def load_checkpoint(folder: str) -> nn.Module:
-    """Read a folder lite wrote, in whichever format, into a model of QLinears."""
+    """Read a folder lite wrote, in whichever format, into a model of QLinears (W8A8) or WQLinears
+    (weight-only)."""
     method = quant_method_of(folder)
+    if method in weight_only.METHODS and (method != compressed_tensors.QUANT_METHOD or _pack_quantized(folder)):
+        return weight_only.load_weight_only(folder)
     if method not in READERS:
         raise LiteError(f"{folder} is not a checkpoint lite reads (quant_method {method!r}; "
                         f"readable: {', '.join(READERS)})")
     return READERS[method](folder)
 
 
+def _pack_quantized(folder: str) -> bool:
+    with open(os.path.join(str(folder), "config.json")) as f:
+        return json.load(f)["quantization_config"].get("format") == "pack-quantized"
+
+
 def describe(qc: dict | None) -> str:
-    """A short label of a model's quantization for tables: `none`, `smooth_quant int8`, `ct int8 static`."""
+    """A short label of a model's quantization for tables: `none`, `smooth_quant int8`, `ct int8 static`,
+    `w4 g128 sym (gptq)`."""
     if not qc:
         return "none"
+    if weight_only.scheme_of(qc) is not None:
+        return weight_only.describe(qc)
     if qc.get("quant_method") == compressed_tensors.QUANT_METHOD:
         return compressed_tensors.describe(qc)
     if qc.get("quant_method") == export.QUANT_METHOD:

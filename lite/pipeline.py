@@ -9,6 +9,7 @@ reuses an artifact only when it matches.
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict
 
 import torch
@@ -408,6 +409,10 @@ def run_recipe(recipe_path, model, work_dir, calib_given: dict, out_dir=None, ma
 
     recipe = load(recipe_path)
     calib = calib_of(recipe, calib_given)
+    if recipe.weight_only:
+        return quantize_weights(model, work_dir, [(n, dict(s)) for n, s in recipe.steps], recipe.format, calib,
+                                out_dir, max_shard_size, batch_size, device, dtype, trust_remote_code,
+                                record=recipe.record())
     rtn = recipe.settings_of("rtn")
     quant_dtype, export_migration_scale = rtn.get("quant_dtype", "int8"), bool(rtn.get("export_migration_scale", False))
     static = recipe.settings_of("static_scales")
@@ -447,5 +452,65 @@ def run_recipe(recipe_path, model, work_dir, calib_given: dict, out_dir=None, ma
                                 marker=(work.path, settings))
         check_readback(loaded.model, out_dir, readback_batches(loaded.tokenizer, tokens))
         work.record("export", {**settings, "out_dir": out_dir})
+        print(f"wrote {out_dir}")
+        return out_dir
+
+
+def quantize_weights(model, work_dir, steps: list, fmt: str, calib, out_dir=None, max_shard_size="5GB",
+                     batch_size="auto", device=None, dtype="auto", trust_remote_code=False, max_gpu_memory="8GiB",
+                     record: dict | None = None) -> str:
+    """Weight-only quantization (`lite auto_gptq`, weight-only recipes): `steps` `[(name, settings)]`,
+    model-preparation transforms and then the quantizing step (`gptq`, or `rtn` with `bits`), in one
+    sweep over the blocks streamed from a local safetensors folder (a hub id is downloaded first), each
+    finished block written to `out_dir` in `fmt`. With transforms, or when the folder does not stream,
+    the model is loaded; a loaded model's folder is read back and compared with the in-memory one.
+    `record` (a recipe's) joins the manifest's and the marker's settings.
+    """
+    from lite import weight_only
+    from lite.folders import staged_folder
+    from lite.recipe import TRANSFORMS
+    from lite.source import Shards
+    from lite.steps import create
+    from lite.steps.transforms import transform_
+    from lite.sweep import Timer, sweep
+
+    (name, settings), transforms = steps[-1], steps[:-1]
+    scheme = weight_only.WeightScheme(settings.get("bits", 4), settings.get("group_size", 128),
+                                      settings.get("symmetric", True))
+    weight_only.check_weight_format(fmt, scheme)
+    quantizer = create(name, **settings, fmt=fmt)  # refuses bad settings now
+    assert all(n in TRANSFORMS for n, _ in transforms), f"only transforms may come before {name}: {steps}"
+    device, _ = check_device(device), resolve_dtype(dtype)
+    check_batch_size(batch_size)
+    for flag, size in (("--max-shard-size", max_shard_size), ("--max-gpu-memory", max_gpu_memory)):
+        if parse_size(size) <= 0:
+            raise LiteError(f"{flag} must be positive, got {size!r}")
+    with locked_work_dir(work_dir) as path:
+        out_dir = prepare_out_dir(out_dir, path, model)
+        loaded, work, streamed = open_source(model, path, dtype, trust_remote_code, streamable=not transforms)
+        timer = Timer(getattr(loaded, "opened_at", None) or time.perf_counter())
+        weight_only.check_weight_shapes(fmt, scheme, loaded.model)
+        check_seqlen(loaded.config, calib)
+        check_disk_space(loaded, out_dir)
+        if transforms:
+            transform_(loaded.model, [create(n, **s) for n, s in transforms])
+        tokens = calibration_tokens(loaded.tokenizer, calib.calib_dataset, calib.calib_samples, calib.calib_seqlen,
+                                    calib.seed, loaded.config.vocab_size)
+        recorded = {"format": fmt, "steps": [[n, s] for n, s in steps], "max_shard_size": max_shard_size,
+                    "dtype": dtype, "calibration": calib_record(calib, dtype), **(record or {})}
+        source = Shards(loaded) if streamed else Loaded(loaded.model, loaded.arch)
+        if not streamed and batch_size == "auto":
+            batch_size = 4
+        with staged_folder(out_dir) as tmp:
+            writer = weight_only.streaming_writer(tmp, loaded.model, fmt, scheme, max_shard_size, source.dtype,
+                                                  loaded.tokenizer, loaded.folder, (work.path, recorded),
+                                                  "mse" if settings.get("mse") else "minmax")
+            summary = sweep(source, [quantizer], tokens, writer, batch_size, device, max_gpu_memory, timer)
+        if not streamed:
+            check_readback(loaded.model, out_dir, readback_batches(loaded.tokenizer, tokens))
+        work.record("export", {**recorded, "out_dir": out_dir})
+        if os.environ.get("LITE_VERBOSE") == "1":
+            timer.lap("finish")
+            print("timings " + " ".join(f"{k}={v}" for k, v in {**timer.times, **summary}.items()))
         print(f"wrote {out_dir}")
         return out_dir

@@ -130,3 +130,130 @@ class QRMSNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, offset={self.offset}, qdtype={self.qdtype}"
 
+
+
+# Weight-only layouts (FORMATS.md): which tensors a WQLinear holds, by the `quantization_config` it is written under.
+WEIGHT_ONLY_LAYOUTS = ("pack-quantized", "awq", "gptq", "gptq_v2")
+
+
+class WQLinear(nn.Module):
+    """y = x @ dequant(W)^T + b with W stored as `bits`-bit codes, one scale (and zero point) per group
+    of `group_size` input columns (-1: per output channel). Its buffers are the checkpoint's tensors in
+    `layout` (FORMATS.md), so a state dict is what the format stores:
+
+    - `pack-quantized` (compressed-tensors): `weight_packed` int32 `(out, in·b/32)` packed along the
+      input, `weight_scale` `(out, groups)` in the model dtype, `weight_shape` int64 `[out, in]`, and
+      for asymmetric weights `weight_zero_point` int32 `(out·b/32, groups)` packed along the output;
+    - `awq` (AutoAWQ GEMM, 4 bits): `qweight` `(in, out/8)`, `qzeros` `(groups, out/8)` in AWQ's
+      interleaved order, `scales` fp16 `(groups, out)`;
+    - `gptq` / `gptq_v2`: `qweight` `(in·b/32, out)`, `qzeros` `(groups, out·b/32)` (v1 stores zero - 1),
+      `scales` fp16 `(groups, out)`, `g_idx` int32 `(in,)`.
+
+    Symmetric weights use codes `[-2^(b-1), 2^(b-1))` stored with the offset 2^(b-1) (the zero point
+    of the layouts that always store one). The forward dequantizes in fp32 and multiplies in the input's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int, symmetric: bool,
+                 layout: str, dtype: torch.dtype, device=None):
+        super().__init__()
+        assert layout in WEIGHT_ONLY_LAYOUTS, f"layout {layout!r} is not one of {WEIGHT_ONLY_LAYOUTS}"
+        g = in_features if group_size == -1 else group_size
+        assert in_features % g == 0, f"in_features {in_features} is not a multiple of group_size {g}"
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.symmetric, self.layout = symmetric, layout
+        groups, words = in_features // g, lambda n: -(-n * bits // 32)
+
+        def buf(name, shape, dt):
+            self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
+
+        if layout == "pack-quantized":
+            buf("weight_packed", (out_features, words(in_features)), torch.int32)
+            buf("weight_scale", (out_features, groups), dtype)
+            self.register_buffer("weight_shape", torch.tensor([out_features, in_features], device=device))
+            if not symmetric:
+                buf("weight_zero_point", (words(out_features), groups), torch.int32)
+        elif layout == "awq":
+            buf("qweight", (in_features, out_features // 8), torch.int32)
+            buf("qzeros", (groups, out_features // 8), torch.int32)
+            buf("scales", (groups, out_features), torch.float16)
+        else:
+            buf("qweight", (words(in_features), out_features), torch.int32)
+            buf("qzeros", (groups, words(out_features)), torch.int32)
+            buf("scales", (groups, out_features), torch.float16)
+            buf("g_idx", (in_features,), torch.int32)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        return self.weight_scale.dtype if self.layout == "pack-quantized" else self.scales.dtype
+
+    @classmethod
+    @torch.no_grad()
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bias: torch.Tensor | None,
+                   bits: int, group_size: int, layout: str, dtype: torch.dtype):
+        """From codes `(out, in)` on `lite.quant`'s grid (symmetric: signed, `zero` None; asymmetric:
+        unsigned with `zero` `(out, groups)`) and `scale` `(out, groups)`, already representable in the
+        layout's scale dtype (`round_scale`)."""
+        from lite.quant import pack_awq, pack_gptq, pack_int32
+
+        out_features, in_features = q.shape
+        m = cls(in_features, out_features, bias is not None, bits, group_size, zero is None, layout, dtype,
+                device=q.device)
+        half = 1 << (bits - 1)
+        codes = (q + half if zero is None else q).cpu()  # unsigned, (out, in)
+        zeros = (torch.full_like(scale, half, dtype=torch.int32) if zero is None else zero).cpu()  # (out, groups)
+        g = in_features if group_size == -1 else group_size
+        if layout == "pack-quantized":
+            m.weight_packed.copy_(pack_int32(codes, bits))
+            m.weight_scale.copy_(scale)
+            if zero is not None:
+                m.weight_zero_point.copy_(pack_int32(zeros.T.contiguous(), bits).T)
+        elif layout == "awq":
+            m.qweight.copy_(pack_awq(codes.T.contiguous()))
+            m.qzeros.copy_(pack_awq(zeros.T.contiguous()))
+            m.scales.copy_(scale.T)
+        else:
+            qweight, qzeros = pack_gptq(codes, zeros, bits, layout)
+            m.qweight.copy_(qweight)
+            m.qzeros.copy_(qzeros)
+            m.scales.copy_(scale.T)
+            m.g_idx.copy_(torch.arange(in_features, dtype=torch.int32) // g)
+        if bias is not None:
+            m.bias.copy_(bias)
+        return m
+
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(unsigned codes `(out, in)`, fp32 scale `(out, groups)`, zero points `(out, groups)`) unpacked."""
+        from lite.quant import unpack_awq, unpack_gptq, unpack_int32
+
+        out_features, in_features, bits = self.out_features, self.in_features, self.bits
+        if self.layout == "pack-quantized":
+            q = unpack_int32(self.weight_packed, bits, in_features)
+            scale = self.weight_scale.float()
+            if self.symmetric:
+                zero = torch.full(scale.shape, 1 << (bits - 1), dtype=torch.int32, device=q.device)
+            else:
+                zero = unpack_int32(self.weight_zero_point.T.contiguous(), bits, out_features).T
+        elif self.layout == "awq":
+            q, zero = unpack_awq(self.qweight).T, unpack_awq(self.qzeros).T
+            scale = self.scales.float().T
+        else:
+            q, zero = unpack_gptq(self.qweight, self.qzeros, bits, in_features, out_features, self.layout)
+            scale = self.scales.float().T
+        return q.contiguous(), scale.contiguous(), zero.contiguous()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """fp32 `(out, in)`: `(q - zero) · scale` per group."""
+        from lite.quant import dequantize_weight
+
+        q, scale, zero = self.codes()
+        return dequantize_weight(q, scale, zero, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight().to(x.dtype)  # (out, in)
+        return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, symmetric={self.symmetric}, layout={self.layout}, "
+                f"bias={self.bias is not None}")

@@ -133,15 +133,20 @@ MSE_CLIPS = torch.linspace(0.5, 1.0, 51)  # the clip ratios c that `mse_clip` tr
 
 
 def mse_clip(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool = True,
-             clips: torch.Tensor = MSE_CLIPS) -> tuple[torch.Tensor, torch.Tensor | None]:
+             clips: torch.Tensor = MSE_CLIPS, importance: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`weight_qparams` with each group's clip ratio c (from `clips`) chosen to minimize that group's
-    squared quantize-dequantize error; never worse than c = 1 when 1 is among `clips`."""
+    squared quantize-dequantize error, each input column's error weighted by `importance` `(in,)` when
+    given (GPTQ passes diag H, the energy of the inputs it multiplies); never worse than c = 1 when 1 is
+    among `clips`."""
     best_err, best = None, None
-    x = _grouped(w.float(), group_size)
+    x = _grouped(w.float(), group_size)  # (out, groups, g)
+    weight = 1.0 if importance is None else _grouped(importance.float()[None, :], group_size)  # (1, groups, g)
     for c in clips.tolist():
         scale, zero = weight_qparams(w, bits, group_size, symmetric, c)
-        err = (_grouped(dequantize_weight(quantize_weight(w, scale, zero, bits, group_size), scale, zero,
-                                          group_size), group_size) - x).pow(2).sum(dim=-1)  # (out, groups)
+        deq = _grouped(dequantize_weight(quantize_weight(w, scale, zero, bits, group_size), scale, zero, group_size),
+                       group_size)
+        err = ((deq - x).pow(2) * weight).sum(dim=-1)  # (out, groups)
         if best is None:
             best_err, best = err, (scale, zero)
             continue
@@ -155,23 +160,36 @@ def mse_clip(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool =
 def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned codes `(..., n)` in `[0, 2^bits)` packed densely little-endian along the last dimension
     into int32 words `(..., ceil(n·bits / 32))`: element i holds bits [i·b, i·b + b) of the word stream
-    (for int4, element 0 is the lowest nibble of word 0)."""
+    (for int4, element 0 is the lowest nibble of word 0). Runs on the codes' device."""
     assert int(q.min()) >= 0 and int(q.max()) < (1 << bits), f"codes must lie in [0, 2^{bits})"
     *lead, n = q.shape
-    shifts = torch.arange(bits)
-    stream = ((q.to(torch.int64)[..., None] >> shifts) & 1).reshape(*lead, n * bits)  # (..., n·b) bits
     words = -(-n * bits // 32)
-    stream = torch.nn.functional.pad(stream, (0, words * 32 - n * bits)).reshape(*lead, words, 32)
-    packed = (stream << torch.arange(32)).sum(dim=-1)  # (..., words) in [0, 2^32)
+    if 32 % bits == 0:  # 2, 4, 8 bits: whole codes per word, one shift and add per position in the word
+        per = 32 // bits
+        padded = torch.nn.functional.pad(q.to(torch.int64), (0, words * per - n)).reshape(*lead, words, per)
+        packed = torch.zeros((*lead, words), dtype=torch.int64, device=q.device)
+        for j in range(per):
+            packed |= padded[..., j] << (bits * j)
+    else:  # 3, 5, 6, 7 bits: codes straddle words; go through the bit stream
+        shifts = torch.arange(bits, device=q.device)
+        stream = ((q.to(torch.int64)[..., None] >> shifts) & 1).reshape(*lead, n * bits)  # (..., n·b) bits
+        stream = torch.nn.functional.pad(stream, (0, words * 32 - n * bits)).reshape(*lead, words, 32)
+        packed = (stream << torch.arange(32, device=q.device)).sum(dim=-1)  # (..., words) in [0, 2^32)
     return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """The inverse of `pack_int32`: `(..., words)` int32 -> codes `(..., n)` int32."""
     *lead, words = packed.shape
-    stream = ((packed.to(torch.int64) & 0xFFFFFFFF)[..., None] >> torch.arange(32)) & 1  # (..., words, 32)
+    unsigned = packed.to(torch.int64) & 0xFFFFFFFF
+    if 32 % bits == 0:
+        per = 32 // bits
+        shifts = torch.arange(per, device=packed.device) * bits
+        codes = (unsigned[..., None] >> shifts) & ((1 << bits) - 1)  # (..., words, per)
+        return codes.reshape(*lead, words * per)[..., :n].to(torch.int32)
+    stream = (unsigned[..., None] >> torch.arange(32, device=packed.device)) & 1  # (..., words, 32)
     stream = stream.reshape(*lead, words * 32)[..., : n * bits].reshape(*lead, n, bits)
-    return (stream << torch.arange(bits)).sum(dim=-1).to(torch.int32)
+    return (stream << torch.arange(bits, device=packed.device)).sum(dim=-1).to(torch.int32)
 
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ GEMM: nibble j of a word holds column AWQ_ORDER[j] of its 8

@@ -11,8 +11,9 @@
     format: compressed-tensors
 
 What this version runs: model-preparation transforms first (`fuse_norms`, `rotate`,
-`center_embeddings`), then optionally `smoothquant`, optionally `static_scales`, then `rtn`, which
-ends the list. Every key is checked before any work; an unknown one is an error naming it and the
+`center_embeddings`), then either W8A8 (optionally `smoothquant`, optionally `static_scales`, then
+`rtn`) or weight-only (`rtn` with `bits`, or `gptq`, with format compressed-tensors, awq or gptq).
+The quantizing step ends the list. Every key is checked before any work; an unknown one is an error naming it and the
 allowed ones. (Flag files for `--recipe` are a different thing: lite/recipes.py.)
 """
 
@@ -28,7 +29,9 @@ DATA_KEYS = ("calib_dataset", "calib_samples", "calib_seqlen", "seed")
 TRANSFORMS = ("fuse_norms", "rotate", "center_embeddings")
 STEP_SETTINGS = {"fuse_norms": (), "rotate": ("seed",), "center_embeddings": ("force",),
                  "smoothquant": ("alpha", "w_stat"), "static_scales": ("act_observer", "act_percentile"),
-                 "rtn": ("quant_dtype", "export_migration_scale")}
+                 "rtn": ("quant_dtype", "export_migration_scale", "bits", "group_size", "symmetric", "mse"),
+                 "gptq": ("bits", "group_size", "symmetric", "damp", "act_order", "block_size", "mse")}
+WEIGHT_ONLY_FORMATS = ("compressed-tensors", "awq", "gptq")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,12 @@ class Recipe:
 
     def settings_of(self, name: str) -> dict | None:
         return next((settings for step, settings in self.steps if step == name), None)
+
+    @property
+    def weight_only(self) -> bool:
+        """The last step quantizes weights only (`gptq`, or `rtn` with `bits`)."""
+        name, settings = self.steps[-1]
+        return name == "gptq" or (name == "rtn" and settings.get("bits") is not None)
 
     def record(self) -> dict:
         """What the manifest and the output's marker keep of the recipe."""
@@ -74,8 +83,8 @@ def load(path: str) -> Recipe:
         bad = next((k for k in data if k not in DATA_KEYS), data) if isinstance(data, dict) else data
         _fail(path, f"unknown data key {bad!r}; allowed: {', '.join(DATA_KEYS)}")
     fmt = raw.get("format", "lmdeploy")
-    if fmt not in FORMATS:
-        _fail(path, f"format {fmt!r} is not one of: {', '.join(FORMATS)}")
+    if fmt not in {*FORMATS, *WEIGHT_ONLY_FORMATS}:
+        _fail(path, f"format {fmt!r} is not one of: {', '.join(dict.fromkeys([*FORMATS, *WEIGHT_ONLY_FORMATS]))}")
     steps = []
     for entry in raw.get("steps") or []:
         if isinstance(entry, str):
@@ -97,7 +106,7 @@ def load(path: str) -> Recipe:
                             f"{', '.join(STEP_SETTINGS[name]) or 'none'}")
         _check_settings(path, name, settings)
         steps.append((name, dict(settings)))
-    _check_order(path, [n for n, _ in steps], fmt)
+    _check_order(path, steps, fmt)
     return Recipe(path, dict(data), tuple(steps), fmt, str(raw.get("description") or ""))
 
 
@@ -113,8 +122,12 @@ def _check_settings(path: str, name: str, settings: dict) -> None:
             SmoothSettings(**settings)
         elif name == "static_scales":
             ActSettings("static", **settings)
-        elif name == "rtn":
+        elif name == "rtn" and settings.get("bits") is None:
             check_quant_dtype(settings.get("quant_dtype", "int8"))
+        elif name in ("rtn", "gptq"):
+            from lite.steps import create
+
+            create(name, **settings)
         elif name == "rotate" and not isinstance(settings.get("seed", 0), int):
             _fail(path, f"rotate's seed must be an integer, got {settings['seed']!r}")
     except LiteError as e:
@@ -122,8 +135,20 @@ def _check_settings(path: str, name: str, settings: dict) -> None:
                                                                      f"recipe {path}: ")) from None
 
 
-def _check_order(path: str, names: list[str], fmt: str) -> None:
-    """transforms*, smoothquant?, static_scales?, rtn."""
+def _check_order(path: str, steps: list, fmt: str) -> None:
+    """transforms*, smoothquant?, static_scales?, rtn; or transforms*, (rtn with bits | gptq)."""
+    names = [n for n, _ in steps]
+    weight_only = bool(names) and (names[-1] == "gptq" or (names[-1] == "rtn" and steps[-1][1].get("bits") is not None))
+    if weight_only:
+        if any(n not in TRANSFORMS for n in names[:-1]):
+            _fail(path, "a weight-only recipe (gptq, or rtn with bits) has only transforms before its quantizing step")
+        if fmt not in WEIGHT_ONLY_FORMATS:
+            _fail(path, f"weight-only steps write format compressed-tensors, awq or gptq, not {fmt!r}")
+        if "rotate" in names and "fuse_norms" not in names[:names.index("rotate")]:
+            _fail(path, "rotate needs fuse_norms before it")
+        return
+    if fmt not in FORMATS:
+        _fail(path, f"format {fmt!r} stores weight-only checkpoints; end the steps with gptq or rtn with bits")
     if not names or names[-1] != "rtn" or names.count("rtn") != 1:
         _fail(path, "the steps must end with rtn (the quantizing step), once")
     rest = [n for n in names[:-1] if n not in TRANSFORMS]

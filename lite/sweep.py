@@ -8,7 +8,8 @@
           hooks = every step's observers(block)    # none: no forward
           forward over the cached inputs with the hooks; remove them (also on an error)
           for step in steps: step.apply_(block)    # recipe order is phase order
-          inputs = the forward's outputs           # the next block sees the float outputs
+          inputs = the forward's outputs           # float, or (a step's `propagates_quantized`) a
+                                                   # second forward's of the quantized block
           sink.write(block's tensors); source.release(block)
       for step in steps: step.end(run)
       sink.close()
@@ -188,6 +189,22 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
         event.record()
         return host, event
 
+    # Float outputs go to the next block unless a step asks for the quantized ones (GPTQ: later blocks
+    # then compensate for the errors of earlier ones); that costs a second forward per block.
+    propagate_quantized = any(getattr(step, "propagates_quantized", False) for step in steps)
+
+    def forward(module: torch.nn.Module, keep: bool) -> None:
+        """Run the cached inputs through `module`; with `keep`, its outputs replace them."""
+        for j, (h, kw) in enumerate(zip(hidden, kwargs)):
+            out = module(h.to(device, non_blocking=True), **kw)
+            out = out[0] if isinstance(out, tuple) else out
+            if not keep:
+                continue
+            if on_device or not cuda:
+                hidden[j] = out
+            else:
+                h.copy_(out)
+
     written = None
     pending = read_ahead(source.fetch, prefixes[0], device, copy_stream)
     hidden, kwargs, pinned = [], [], None
@@ -250,17 +267,14 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
             if hooks:
                 assert tokens is not None, "a step observes activations, but the sweep was given no tokens"
                 with removing(_attach(module, hooks)):
-                    for j, (h, kw) in enumerate(zip(hidden, kwargs)):
-                        out = module(h.to(device, non_blocking=True), **kw)
-                        out = out[0] if isinstance(out, tuple) else out
-                        if on_device or not cuda:
-                            hidden[j] = out
-                        else:
-                            h.copy_(out)
+                    forward(module, keep=not propagate_quantized)
                 timer.lap("forward")
             for step in steps:
                 step.apply_(block)
             timer.lap("smooth_quantize")
+            if hooks and propagate_quantized:
+                forward(module, keep=True)  # the next block sees this block's quantized outputs
+                timer.lap("forward_quantized")
             if sink is not None:
                 outputs, ready = to_host(module.state_dict(prefix=prefix + "."))
                 if written is not None:

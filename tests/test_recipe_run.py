@@ -48,7 +48,10 @@ def test_rotation_recipe_writes_a_static_checkpoint_that_reads_back(tmp_path):
 @pytest.mark.parametrize("text, expected", [
     ("steps: [rtn]\nformats: lmdeploy\n", "unknown key 'formats'; allowed: description, data, steps, format"),
     ("data: {samples: 4}\nsteps: [rtn]\n", "unknown data key 'samples'"),
-    ("steps: [gptq, rtn]\n", "unknown step 'gptq'; registered steps:"),
+    ("steps: [gptx, rtn]\n", "unknown step 'gptx'; registered steps:"),
+    ("steps: [smoothquant, gptq]\nformat: gptq\n", "has only transforms before its quantizing step"),
+    ("steps: [gptq]\nformat: lmdeploy\n", "weight-only steps write format compressed-tensors, awq or gptq"),
+    ("steps: [{gptq: {bits: 9}}]\n", "--w-bits must be an integer from 2 to 8"),
     ("steps: [{smoothquant: {alfa: 0.5}}, rtn]\n", "step 'smoothquant' has no setting 'alfa'"),
     ("steps: [{smoothquant: {alpha: 2}}, rtn]\n", "--alpha must be auto or lie in [0, 1]"),
     ("steps: [smoothquant]\n", "must end with rtn"),
@@ -67,9 +70,41 @@ def test_bad_recipes_are_refused_before_any_work(tmp_path, capsys, text, expecte
 
 
 @pytest.mark.parametrize("name", ["w8a8-int8.yaml", "w8a8-int8-static.yaml", "w8a8-int8-vllm.yaml", "w8a8-fp8.yaml",
-                                  "w8a8-int8-rotate-static.yaml"])
+                                  "w8a8-int8-rotate-static.yaml", "w4a16-gptq.yaml", "w4a16-rtn.yaml"])
 def test_shipped_recipes_are_valid(name):
     from lite.recipe import load
 
     recipe = load(str(CONFIGS / name))
-    assert recipe.steps[-1][0] == "rtn" and recipe.description
+    assert recipe.steps[-1][0] in ("rtn", "gptq") and recipe.description
+    assert recipe.weight_only == name.startswith("w4a16")
+
+
+def test_weight_only_recipe_matches_auto_gptq(tmp_path):
+    """A gptq recipe and `lite auto_gptq` with the same settings write the same tensors."""
+    recipe = write(tmp_path / "gptq.yaml", "steps:\n  - gptq: {bits: 4, group_size: 32, symmetric: false, "
+                                           "act_order: true, mse: true}\nformat: compressed-tensors\n")
+    main(["run", str(recipe), "tiny:llama", "--work-dir", str(tmp_path / "a"), *CALIB])
+    main(["auto_gptq", "tiny:llama", "--work-dir", str(tmp_path / "b"), "--w-group-size", "32", "--w-sym", "false",
+          "--batch-size", "4", *CALIB])
+    assert weights(tmp_path / "a" / "quantized") == weights(tmp_path / "b" / "quantized")
+    record = json.loads((tmp_path / "a" / "lite_manifest.json").read_text())["artifacts"]["export"]
+    assert record["steps"][-1][0] == "gptq" and record["recipe"] == "gptq.yaml"
+
+
+def test_weight_only_rtn_recipe_is_worse_than_gptq_on_the_calibration_loss(tmp_path):
+    """GPTQ minimizes each linear's output error on the calibration data: the whole model's output moves
+    less from the float one than with round to nearest at the same settings."""
+    from helpers import logits
+    from lite.data import calibration_tokens
+    from lite.formats import load_checkpoint
+    from lite.model import build_tiny, byte_tokenizer
+
+    for name, step in (("rtn", "rtn"), ("gptq", "gptq")):
+        recipe = write(tmp_path / f"{name}.yaml", f"steps:\n  - {step}: {{bits: 3, group_size: -1, symmetric: false}}"
+                                                  "\nformat: compressed-tensors\n")
+        main(["run", str(recipe), "tiny:llama", "--work-dir", str(tmp_path / name), *CALIB])
+    tokens = calibration_tokens(byte_tokenizer(), "sample", 4, 64, 0)  # the calibration windows (CALIB)
+    reference = logits(build_tiny("llama"), tokens)
+    error = {name: (logits(load_checkpoint(str(tmp_path / name / "quantized")), tokens) - reference).pow(2).mean()
+             for name in ("rtn", "gptq")}
+    assert error["gptq"] < 0.8 * error["rtn"], error

@@ -23,9 +23,10 @@ def recorded_alpha(work):
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIGS, "*.yaml"))))
-def test_shipped_recipes_name_only_flags_of_smooth_quant(path):
-    flags = load_recipe(path, COMMANDS["smooth_quant"])
-    assert flags and "quant_dtype" in flags
+def test_shipped_recipes_name_only_flags_of_their_command(path):
+    command = "auto_gptq" if os.path.basename(path).startswith("w4a16-gptq") else "smooth_quant"
+    flags = load_recipe(path, COMMANDS[command])
+    assert flags and ("w_bits" if command == "auto_gptq" else "quant_dtype") in flags
 
 
 def test_recipe_values_apply(tmp_path):

@@ -40,6 +40,7 @@ def create(name: str, **settings) -> Step:
 
 
 def _register_builtin() -> None:
+    from lite.steps.gptq import Gptq
     from lite.steps.rtn import Rtn
     from lite.steps.smoothquant import SmoothQuant
     from lite.steps.static_scales import StaticScales
@@ -53,6 +54,7 @@ def _register_builtin() -> None:
     register("static_scales", StaticScales)
     register("smoothquant", SmoothQuant)
     register("rtn", Rtn)
+    register("gptq", Gptq)
 
 
 _register_builtin()

@@ -1,0 +1,128 @@
+"""The GPTQ solver (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", Algorithm 1): pure tensor math, no modules.
+
+Given a linear's weight W `(out, in)` and the Hessian of its layer-wise loss, H = Σ XᵀX over the
+calibration tokens X `(tokens, in)`, GPTQ quantizes the input columns one at a time and spreads each
+column's rounding error over the columns not yet quantized, weighted by the inverse Hessian, so that
+‖XWᵀ − XQᵀ‖² grows as little as possible. Rows are independent given H, so linears that read the
+same input (q/k/v, gate/up) are solved together as one stacked weight.
+
+- Damping: `damp · mean(diag H)` is added to the diagonal; when the Cholesky factorization still
+  fails, the damping is multiplied by 10 (up to 4 times) and the value used is returned.
+- act-order: columns in order of decreasing diag(H). With groups, the group parameters are computed
+  up front from the unquantized weight ("static groups"), so each stored group covers consecutive
+  input columns and the group map stays `i // group_size` (what every engine's kernel loads).
+- Without act-order, a group's parameters are computed when its first column comes, from the weight
+  as updated by the errors so far (the paper's grouping).
+"""
+
+import torch
+
+from lite.errors import LiteError
+from lite.quant import int_range, mse_clip, weight_qparams
+
+DAMP_RETRIES = 4
+
+
+def _qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, mse: bool, scale_dtype: torch.dtype,
+             importance: torch.Tensor):
+    """(scale `(out, groups)` fp32 representable in `scale_dtype`, zero `(out, groups)` int32 or None);
+    with `mse`, each group's clipping range minimizes its error weighted by `importance` (diag H)."""
+    if mse:
+        scale, zero = mse_clip(w, bits, group_size, symmetric, importance=importance)
+    else:
+        scale, zero = weight_qparams(w, bits, group_size, symmetric)
+    return scale.to(scale_dtype).float(), zero
+
+
+def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """(U, damping used): U upper triangular with UᵀU = (H + λI)⁻¹, λ = damp · mean(diag H); `damp`
+    multiplied by 10 until the factorization succeeds."""
+    mean_diag = torch.mean(torch.diag(H)).item()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(DAMP_RETRIES + 1):
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if info.item() == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info.item() == 0 and bool(torch.isfinite(U).all()):
+                return U, damp
+        damp *= 10
+    raise LiteError(f"the Hessian could not be factorized even with damping {damp / 10:g}; the calibration "
+                    "data may be too small for this layer: pass more --calib-samples")
+
+
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 128, symmetric: bool = True,
+                  damp: float = 0.01, act_order: bool = True, block_size: int = 128, mse: bool = False,
+                  scale_dtype: torch.dtype = torch.float32):
+    """(codes `(out, in)` int32 on `lite.quant`'s grid, scale `(out, groups)` fp32, zero `(out, groups)`
+    int32 or None (symmetric), damping used) for the weight `w` `(out, in)` and Hessian `H` `(in, in)`.
+
+    Dequantizing `(codes - zero) · scale` per group gives the quantized weight. `scale` is representable
+    in `scale_dtype` (what the format stores), and the codes are computed with that rounded scale.
+    """
+    out_features, in_features = w.shape
+    W = w.float().clone()  # (out, in), updated in place as errors spread
+    H = H.float().clone()  # (in, in)
+    dead = torch.diag(H) == 0  # inputs that were always zero: any value is exact; quantize them as 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    g = in_features if group_size == -1 else group_size
+    low, high = int_range(bits, symmetric)
+
+    energy = torch.diag(H).clone()  # (in,) in the stored order
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        H = H[perm][:, perm]
+    else:
+        perm = torch.arange(in_features, device=W.device)
+    static = act_order or group_size == -1
+    if static:  # every group's parameters from the unquantized weight, in the stored (original) order
+        scale, zero = _qparams(W, bits, group_size, symmetric, mse, scale_dtype, energy)
+    else:
+        scale = torch.empty((out_features, in_features // g), device=W.device)
+        zero = None if symmetric else torch.empty((out_features, in_features // g), dtype=torch.int32,
+                                                  device=W.device)
+    W = W[:, perm]
+    group_of = perm // g  # (in,) group of each column in solving order
+    U, damp_used = inverse_hessian_factor(H, damp)
+    del H
+
+    if not static:  # a group's columns must fall in one block, so that its parameters see the updated weight
+        block_size = g * max(1, block_size // g)
+    Q = torch.empty_like(W, dtype=torch.int32)  # (out, in) codes in solving order
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        W1 = W[:, i1:i2].clone()  # (out, count)
+        Err1 = torch.empty_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        if static:
+            S1 = scale[:, group_of[i1:i2]]  # (out, count) scale of each column
+            Z1 = None if zero is None else zero[:, group_of[i1:i2]].float()
+        for i in range(i2 - i1):
+            if not static and (i1 + i) % g == 0:
+                gi = (i1 + i) // g
+                s, z = _qparams(W1[:, i:i + g], bits, -1, symmetric, mse, scale_dtype, energy[i1 + i:i1 + i + g])
+                scale[:, gi] = s[:, 0]
+                if zero is not None:
+                    zero[:, gi] = z[:, 0]
+            if static:
+                s_col, z_col = S1[:, i], (None if Z1 is None else Z1[:, i])
+            else:
+                s_col, z_col = scale[:, (i1 + i) // g], (None if zero is None else zero[:, (i1 + i) // g].float())
+            col = W1[:, i]
+            q = torch.round(col / s_col)
+            if z_col is not None:
+                q += z_col
+            q.clamp_(low, high)
+            Q[:, i1 + i] = q.to(torch.int32)
+            if z_col is not None:
+                q -= z_col
+            err = (col - q * s_col) / U1[i, i]  # the paper's (w_q − quant(w_q)) / [H⁻¹]_qq
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
+            Err1[:, i] = err
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)  # the block's errors, spread over later columns at once
+    codes = torch.empty_like(Q)
+    codes[:, perm] = Q
+    return codes, scale, zero, damp_used

@@ -1,0 +1,85 @@
+"""`gptq`: weight-only quantization with GPTQ's error-compensating rounding (`lite.gptq`), block by block.
+
+The block's calibration forward feeds one `Hessian` observer per group of linears that read the same
+tensor (q/k/v share one, gate/up another); after it, each group is solved as one stacked weight and
+its linears are swapped for WQLinears of the checkpoint's layout. The next block sees this block's
+quantized outputs (`propagates_quantized`), so later blocks compensate for earlier errors, as in the
+paper's sequential quantization.
+"""
+
+import torch
+
+from lite.errors import LiteError
+from lite.gptq import gptq_quantize
+from lite.observers import input_groups
+from lite.steps.base import Block, Hook, Step
+from lite.weight_only import WeightScheme, scale_dtype_of, swap_quantized_
+
+
+class Hessian:
+    """H = Σ xᵀx over every token x `(in,)` a linear reads, in fp32 on the tensor's device."""
+
+    def __init__(self):
+        self.H, self.tokens = None, 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        if self.H is None:
+            self.H = torch.zeros((x.shape[1], x.shape[1]), dtype=torch.float32, device=x.device)
+        self.H.addmm_(x.T, x)
+        self.tokens += x.shape[0]
+
+    def merge(self, other: "Hessian") -> None:
+        """Combine with an observer of disjoint tokens: the sums add exactly."""
+        if other.H is not None:
+            self.H = other.H.clone() if self.H is None else self.H + other.H.to(self.H.device)
+            self.tokens += other.tokens
+
+    def result(self) -> torch.Tensor:
+        return self.H
+
+
+class Gptq(Step):
+    """Settings: `bits`, `group_size` (-1: per channel), `symmetric`, `damp` (relative to the mean of
+    diag H; raised tenfold while the factorization fails, and said so), `act_order` (with static
+    groups), `block_size` (columns whose errors are spread at once), `mse` (search each group's
+    clipping range), `fmt` (the checkpoint format whose layout the WQLinears take)."""
+
+    propagates_quantized = True
+
+    def __init__(self, bits: int = 4, group_size: int = 128, symmetric: bool = True, damp: float = 0.01,
+                 act_order: bool = True, block_size: int = 128, mse: bool = False, fmt: str = "compressed-tensors"):
+        self.scheme = WeightScheme(bits, group_size, symmetric)
+        if not (isinstance(damp, (int, float)) and 0 < damp < 1):
+            raise LiteError(f"--damp must lie in (0, 1) (relative to the mean Hessian diagonal), got {damp!r}")
+        if not (isinstance(block_size, int) and block_size > 0):
+            raise LiteError(f"gptq block_size must be a positive integer, got {block_size!r}")
+        self.damp, self.act_order, self.block_size, self.mse, self.fmt = float(damp), bool(act_order), block_size, \
+            bool(mse), fmt
+        self._observed = []
+        self.raised_damping = {}  # {linear fqn: damping used} where the factorization needed more
+
+    def observers(self, block: Block) -> list[Hook]:
+        self._observed = [(group, Hessian()) for group in input_groups(block.arch, block.module)]
+        return [Hook(group[0], "input", observer) for group, observer in self._observed]
+
+    @torch.no_grad()
+    def apply_(self, block: Block) -> None:
+        module = block.module
+        for group, observer in self._observed:
+            linears = [module.get_submodule(name) for name in group]
+            W = torch.cat([linear.weight for linear in linears])  # (Σ out, in): rows are independent given H
+            codes, scale, zero, damp = gptq_quantize(
+                W, observer.result(), self.scheme.bits, self.scheme.group_size, self.scheme.symmetric, self.damp,
+                self.act_order, self.block_size, self.mse, scale_dtype_of(self.fmt, W.dtype))
+            if damp != self.damp:
+                fqns = ", ".join(f"{block.prefix}.{name}" for name in group)
+                print(f"gptq: {fqns}: the Hessian needed damping {damp:g} (asked {self.damp:g}) to factorize")
+                self.raised_damping.update({f"{block.prefix}.{name}": damp for name in group})
+            first = 0
+            for name, linear in zip(group, linears):
+                rows = slice(first, first + linear.out_features)
+                swap_quantized_(module, name, codes[rows], scale[rows], None if zero is None else zero[rows],
+                                self.fmt, self.scheme)
+                first = rows.stop
+        self._observed = []

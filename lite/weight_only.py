@@ -1,0 +1,227 @@
+"""Weight-only checkpoints (W4A16 and friends): the scheme, the three formats engines load, the checks
+that refuse what an engine cannot load, the streaming writer and the reader.
+
+| `--format` | `quant_method` | layout (FORMATS.md) | engines |
+| --- | --- | --- | --- |
+| `compressed-tensors` | `compressed-tensors`, format `pack-quantized` | `weight_packed`, `weight_scale`, `weight_zero_point` | vLLM, SGLang, transformers |
+| `awq` | `awq` (GEMM) | `qweight`, `qzeros`, `scales` | lmdeploy TurboMind, vLLM, transformers |
+| `gptq` | `gptq` (`checkpoint_format` gptq, or gptq_v2 when asymmetric) | `qweight`, `qzeros`, `scales`, `g_idx` | vLLM, GPTQModel, lmdeploy (sym, g128) |
+
+The tensors are the buffers of `lite.qmodules.WQLinear` in the matching layout; the quantizing steps
+(`rtn` with `bits`, `gptq`) swap each linear for one.
+"""
+
+import copy
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from lite.archs import arch_for, quantized_linears
+from lite.errors import LiteError
+from lite.model import decoder_blocks
+from lite.qmodules import WQLinear
+
+WEIGHT_FORMATS = ("compressed-tensors", "awq", "gptq")
+METHODS = ("compressed-tensors", "awq", "gptq")  # quant_method values of weight-only checkpoints
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """What a weight-only checkpoint promises: `bits`-bit integer weights, one scale (and zero point,
+    when not `symmetric`) per `group_size` input columns (-1: per output channel)."""
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise LiteError(f"--w-bits must be an integer from 2 to 8, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or not (self.group_size == -1 or self.group_size > 0):
+            raise LiteError(f"--w-group-size must be a positive integer or -1 (per channel), got {self.group_size!r}")
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+def layout_of(fmt: str, scheme: WeightScheme) -> str:
+    """The WQLinear layout `fmt` stores: GPTQ's original format for symmetric weights (every reader
+    takes it), gptq_v2 for asymmetric ones (the original stores zero − 1, which readers that do not
+    mask the sum get wrong for a zero of 0)."""
+    if fmt == "compressed-tensors":
+        return "pack-quantized"
+    if fmt == "gptq":
+        return "gptq" if scheme.symmetric else "gptq_v2"
+    return fmt
+
+
+def scale_dtype_of(fmt: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the format stores scales in: fp16 for AWQ and GPTQ, the model's for compressed-tensors."""
+    return model_dtype if fmt == "compressed-tensors" else torch.float16
+
+
+def check_weight_format(fmt: str, scheme: WeightScheme) -> None:
+    """Refuse, before any work, what `fmt`'s engines cannot load, naming the option to change; warn
+    (one line on stderr) where an engine loads the checkpoint only slowly or not at all."""
+    if fmt not in WEIGHT_FORMATS:
+        raise LiteError(f"--format {fmt!r} is not a weight-only format; use one of: {', '.join(WEIGHT_FORMATS)}")
+    bits, g = scheme.bits, scheme.group_size
+    if fmt == "awq":
+        if bits != 4:
+            raise LiteError(f"--format awq (AutoAWQ GEMM) stores 4-bit weights only, got --w-bits {bits}; "
+                            "use --format compressed-tensors or gptq")
+        if g == -1:
+            raise LiteError("--format awq needs groups (engines read no per-channel AWQ); pass --w-group-size 128 "
+                            "or use --format compressed-tensors")
+    if fmt == "gptq" and bits not in (2, 4, 8):
+        raise LiteError(f"--format gptq: lite writes 2, 4 or 8 bits (3-bit GPTQ packing differs between readers), "
+                        f"got --w-bits {bits}; use --format compressed-tensors for {bits} bits")
+    if fmt == "gptq" and not scheme.symmetric:
+        warn("asymmetric GPTQ is written with checkpoint_format gptq_v2; vLLM's fast Marlin kernel takes symmetric "
+             "weights only and falls back to a slower kernel (pass --w-sym true for Marlin)")
+    if fmt == "compressed-tensors" and bits not in (4, 8):
+        warn(f"vLLM's weight-only kernels take 4 or 8 bits; this {bits}-bit checkpoint loads in transformers "
+             "(compressed-tensors) but not in vLLM")
+
+
+def warn(message: str) -> None:
+    print(f"lite: warning: {message}", file=sys.stderr)
+
+
+def check_weight_shapes(fmt: str, scheme: WeightScheme, model: nn.Module) -> None:
+    """Refuse a model (a meta skeleton is enough) whose linears `fmt` cannot store with `scheme`, naming
+    the first one and the option to change."""
+    bits, g = scheme.bits, scheme.group_size
+    arch = arch_for(model.config)
+    for prefix, block in decoder_blocks(model, arch).items():
+        for name in quantized_linears(arch, block):
+            linear = block.get_submodule(name)
+            fqn, (out_features, in_features) = f"{prefix}.{name}", linear.weight.shape
+            if g != -1 and in_features % g:
+                raise LiteError(f"{fqn} has {in_features} inputs, not a multiple of --w-group-size {g}; pass a "
+                                f"group size that divides it, or -1 (per channel)")
+            if fmt in ("awq", "gptq") and out_features % 8:
+                raise LiteError(f"--format {fmt} packs 8 outputs per word, but {fqn} has {out_features} outputs; "
+                                "use --format compressed-tensors")
+            if fmt == "gptq" and in_features * bits % 32:
+                raise LiteError(f"--format gptq packs {32 // bits} inputs per word, but {fqn} has {in_features} "
+                                "inputs; use --format compressed-tensors")
+
+
+def quantization_config(fmt: str, scheme: WeightScheme, ignore: list[str], observer: str = "minmax") -> dict:
+    """`config.json`'s `quantization_config` for `fmt` (keys as FORMATS.md lists them)."""
+    if fmt == "compressed-tensors":
+        from lite.compressed_tensors import QUANT_METHOD, quant_args, quantization_config as ct_config
+
+        weights = {**quant_args(torch.int8, "channel" if scheme.group_size == -1 else "group", False, observer,
+                                scheme.symmetric, None if scheme.group_size == -1 else scheme.group_size),
+                   "num_bits": scheme.bits}
+        return ct_config(weights, None, ignore, "pack-quantized")
+    if fmt == "awq":
+        return {"quant_method": "awq", "version": "gemm", "bits": scheme.bits, "group_size": scheme.group_size,
+                "zero_point": True, "modules_to_not_convert": ignore or None}
+    return {"quant_method": "gptq", "bits": scheme.bits, "group_size": scheme.group_size, "desc_act": False,
+            "sym": scheme.symmetric, "checkpoint_format": layout_of(fmt, scheme), "lm_head": False}
+
+
+def float_linears(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def swap_skeleton_(model: nn.Module, fmt: str, scheme: WeightScheme, dtype: torch.dtype, device="meta") -> nn.Module:
+    """Every quantized linear of the blocks replaced by an empty WQLinear of `fmt`'s layout, in place."""
+    arch, layout = arch_for(model.config), layout_of(fmt, scheme)
+    for block in decoder_blocks(model, arch).values():
+        for name in quantized_linears(arch, block):
+            linear = block.get_submodule(name)
+            block.set_submodule(name, WQLinear(linear.in_features, linear.out_features, linear.bias is not None,
+                                               scheme.bits, scheme.group_size, scheme.symmetric, layout,
+                                               scale_dtype_of(fmt, dtype), device=device))
+    return model
+
+
+def streaming_writer(folder: str, model: nn.Module, fmt: str, scheme: WeightScheme, max_shard_size,
+                     dtype: torch.dtype, tokenizer, source_folder: str | None, marker: tuple | None,
+                     observer: str = "minmax"):
+    """A checkpoint writer for `model` (a skeleton) in `fmt`, written as blocks arrive."""
+    from lite import export
+
+    qmodel = swap_skeleton_(copy.deepcopy(model).to("meta"), fmt, scheme, dtype)
+    config = quantization_config(fmt, scheme, float_linears(qmodel), observer)
+    return export.CheckpointWriter(folder, qmodel, config, max_shard_size, dtype, tokenizer, source_folder, marker)
+
+
+def scheme_of(qc: dict) -> tuple[str, WeightScheme] | None:
+    """(`--format`, scheme) of a weight-only `quantization_config`; None when it is not one lite reads."""
+    method = qc.get("quant_method")
+    if method == "compressed-tensors" and qc.get("format") == "pack-quantized":
+        groups = qc.get("config_groups") or {}
+        if len(groups) != 1:
+            return None
+        w = next(iter(groups.values())).get("weights") or {}
+        return "compressed-tensors", WeightScheme(w.get("num_bits"), w.get("group_size") or -1,
+                                                  bool(w.get("symmetric", True)))
+    if method == "awq":
+        return "awq", WeightScheme(qc.get("bits"), qc.get("group_size"), False)
+    if method == "gptq":
+        if qc.get("desc_act"):
+            return None  # a real group map (act-order without static groups): not written by lite
+        return "gptq", WeightScheme(qc.get("bits"), qc.get("group_size"), bool(qc.get("sym", True)))
+    return None
+
+
+def load_weight_only(folder: str) -> nn.Module:
+    """Read a weight-only folder (any of the three formats) into a model of WQLinears."""
+    from lite.export import float_model_of_checkpoint, load_checkpoint_state_, read_state_dict
+    from lite.formats import quant_method_of
+
+    method = quant_method_of(folder)
+    model, qc, dtype = float_model_of_checkpoint(folder, method)
+    found = scheme_of(qc)
+    if found is None:
+        raise LiteError(f"{folder}: lite reads weight-only checkpoints it can describe (one config group, "
+                        f"desc_act false); this one has quantization_config {qc}")
+    fmt, scheme = found
+    layout = "gptq_v2" if method == "gptq" and qc.get("checkpoint_format") == "gptq_v2" else layout_of(fmt, scheme)
+    ignore = set(qc.get("ignore") or qc.get("modules_to_not_convert") or [])
+    if method == "awq":
+        # AWQ always stores zero points; symmetric AWQ is the special case zero = 2^(b-1).
+        scheme = WeightScheme(scheme.bits, scheme.group_size, False)
+    for name in float_linears(model):
+        if name in ignore or name == arch_for(model.config).lm_head:
+            continue
+        linear = model.get_submodule(name)
+        model.set_submodule(name, WQLinear(linear.in_features, linear.out_features, linear.bias is not None,
+                                           scheme.bits, scheme.group_size, scheme.symmetric, layout,
+                                           scale_dtype_of(fmt, dtype)))
+    return load_checkpoint_state_(model, read_state_dict(folder), qc, folder)
+
+
+def describe(qc: dict) -> str:
+    """A short label such as `w4 g128 asym (awq)` for tables."""
+    found = scheme_of(qc)
+    if found is None:
+        return str(qc.get("quant_method"))
+    fmt, s = found
+    group = "channel" if s.group_size == -1 else f"g{s.group_size}"
+    return f"w{s.bits} {group} {'sym' if s.symmetric else 'asym'} ({fmt})"
+
+
+@torch.no_grad()
+def quantize_rtn(w: torch.Tensor, scheme: WeightScheme, mse: bool, scale_dtype: torch.dtype):
+    """Round-to-nearest (codes, scale, zero) of a weight `(out, in)`; `mse` searches each group's clipping
+    range. The scale is rounded to `scale_dtype` before the codes are computed with it."""
+    from lite.quant import mse_clip, quantize_weight, weight_qparams
+
+    scale, zero = (mse_clip if mse else weight_qparams)(w, scheme.bits, scheme.group_size, scheme.symmetric)
+    scale = scale.to(scale_dtype).float()
+    return quantize_weight(w, scale, zero, scheme.bits, scheme.group_size), scale, zero
+
+
+def swap_quantized_(block: nn.Module, name: str, codes, scale, zero, fmt: str, scheme: WeightScheme) -> None:
+    """Replace the linear `name` of `block` by the WQLinear of `fmt` holding (codes, scale, zero)."""
+    linear = block.get_submodule(name)
+    block.set_submodule(name, WQLinear.from_codes(codes, scale, zero, linear.bias, scheme.bits, scheme.group_size,
+                                                  layout_of(fmt, scheme), scale_dtype_of(fmt, linear.weight.dtype)))
