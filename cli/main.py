@@ -320,8 +320,61 @@ def auto_gptq(model: str, work_dir: str = None, recipe: str = None, w_bits: int 
                               device, dtype, trust_remote_code, max_gpu_memory)
 
 
+def auto_awq(model: str, work_dir: str = None, recipe: str = None, w_bits: int = 4, w_group_size: int = 128,
+             w_sym: bool = False, n_grid: int = 20, mse_clip: bool = True, format: str = "awq",
+             calib_dataset: str = CALIB.calib_dataset, calib_samples: int = CALIB.calib_samples,
+             calib_seqlen: int = CALIB.calib_seqlen, seed: int = CALIB.seed, batch_size: int | str = "auto",
+             max_shard_size: str = "5GB", out_dir: str = None, device: str = None, dtype: str = "auto",
+             trust_remote_code: bool = False, max_gpu_memory: str = "8GiB"):
+    """Weight-only quantization with AWQ (Lin et al. 2023): before rounding, each smoothing pair of a
+    block (norm -> q/k/v, v -> o, norm -> gate/up, up -> down) is rescaled so that the input channels
+    carrying large activations lose less to rounding; the float model is unchanged by the rescaling.
+    The factor of each pair is searched on a grid by the output error of the attention, the MLP or the
+    consumer linear on the calibration data with the weights quantized; then each group's clipping
+    range is searched and the weights are rounded to nearest.
+
+    One pass over the decoder blocks, streamed from a local safetensors folder (a hub id is downloaded
+    first), each block written to WORK_DIR/quantized (or --out-dir) as it finishes.
+
+    Args:
+        model: a local model folder, a hub id, or tiny:<model_type>.
+        work_dir: folder for the manifest and (by default) the checkpoint.
+        recipe: a YAML file of flag values for the whole job (see configs/w4a16-awq.yaml); flags given on the
+            command line win over it.
+        w_bits: bits per weight, 2 to 8 (--format awq stores 4 only).
+        w_group_size: input columns sharing one scale and zero point, e.g. 128; -1: one per output channel
+            (not with --format awq). Must divide every linear's in_features.
+        w_sym: false (default): a zero point per group, as AutoAWQ; true: symmetric codes.
+        n_grid: ratios tried per pair: 0, 1/n, ..., (n-1)/n (and no scaling at all).
+        mse_clip: choose each group's clipping range by the error it adds to the linear's output on the
+            calibration data (51 ratios from 0.5 to 1 of the full range; 11 while searching the scales)
+            (default); false: the full range, as the paper.
+        format: awq (AutoAWQ GEMM; lmdeploy TurboMind, vLLM, transformers; default), compressed-tensors
+            (pack-quantized; vLLM, SGLang, transformers) or gptq. Each refuses, before any work, what its
+            engines cannot load.
+        calib_dataset: wikitext2, c4, pileval, ptb, sample, or a .txt/.jsonl/.parquet file.
+        calib_samples: number of calibration sequences.
+        calib_seqlen: tokens per calibration sequence, at most the model's max_position_embeddings.
+        seed: seed for choosing the calibration windows.
+        batch_size: sequences per forward call, or auto: as many as --max-gpu-memory allows when
+            streaming (4 otherwise).
+        max_shard_size: largest safetensors shard, e.g. 5GB.
+        out_dir: where the checkpoint goes (default WORK_DIR/quantized).
+        device: cuda (default when available) or cpu.
+        dtype: auto, float32, float16 or bfloat16.
+        trust_remote_code: allow model code from the hub.
+        max_gpu_memory: device memory the streamed run plans for, e.g. 8GiB (see `lite smooth_quant --help`).
+    """
+    calib = CalibSettings(calib_dataset, calib_samples, calib_seqlen, seed)
+    scheme = dict(bits=w_bits, group_size=w_group_size, symmetric=w_sym)
+    steps = [("awq", {**scheme, "n_grid": n_grid, "clip": mse_clip}), ("rtn", {**scheme, "mse": mse_clip})]
+    pipeline.quantize_weights(model, work_dir, steps,
+                              format, calib, out_dir, max_shard_size, batch_size, device, dtype, trust_remote_code,
+                              max_gpu_memory)
+
+
 COMMANDS = {"calibrate": calibrate, "smooth": smooth, "export": export, "smooth_quant": smooth_quant,
-            "auto_gptq": auto_gptq, "run": run, "eval": eval}
+            "auto_gptq": auto_gptq, "auto_awq": auto_awq, "run": run, "eval": eval}
 USAGE = """usage: lite COMMAND MODEL [flags]     (lite COMMAND --help for its flags; lite --version)
 
 commands:
@@ -330,6 +383,7 @@ commands:
     export         quantize and write a checkpoint -> WORK_DIR/quantized
     smooth_quant   all three in one command, reusing what WORK_DIR holds
     auto_gptq      weight-only int4 (or 2-8 bits) with GPTQ -> WORK_DIR/quantized
+    auto_awq       weight-only int4 with AWQ's activation-aware scales -> WORK_DIR/quantized
     run            a step recipe (configs/recipes/*.yaml): transforms, SmoothQuant, static scales, round to nearest
     eval           perplexity of float models and checkpoints side by side
 

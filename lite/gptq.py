@@ -19,17 +19,19 @@ same input (q/k/v, gate/up) are solved together as one stacked weight.
 import torch
 
 from lite.errors import LiteError
+from lite.kernels import gptq_columns, triton_available
 from lite.quant import int_range, mse_clip, weight_qparams
 
 DAMP_RETRIES = 4
 
 
 def _qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, mse: bool, scale_dtype: torch.dtype,
-             importance: torch.Tensor):
+             hessian: torch.Tensor):
     """(scale `(out, groups)` fp32 representable in `scale_dtype`, zero `(out, groups)` int32 or None);
-    with `mse`, each group's clipping range minimizes its error weighted by `importance` (diag H)."""
+    with `mse`, each group's clipping range minimizes the output error dᵀ H_gg d it adds, `hessian` the
+    diagonal blocks `(groups, g, g)` of H."""
     if mse:
-        scale, zero = mse_clip(w, bits, group_size, symmetric, importance=importance)
+        scale, zero = mse_clip(w, bits, group_size, symmetric, hessian=hessian)
     else:
         scale, zero = weight_qparams(w, bits, group_size, symmetric)
     return scale.to(scale_dtype).float(), zero
@@ -53,6 +55,31 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
+def columns_reference(W1: torch.Tensor, U1: torch.Tensor, S1: torch.Tensor, Z1: torch.Tensor | None, low: int,
+                      high: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's loop over the columns of one block (Algorithm 1, inner loop): (codes `(rows, count)` int32,
+    scaled errors `(rows, count)`), W1 `(rows, count)` the block's columns as updated so far, U1 `(count, count)`
+    the block of the upper Cholesky factor of H⁻¹, S1 / Z1 `(rows, count)` each column's scale and zero
+    point (Z1 None: symmetric). `lite.kernels.gptq_columns` computes the same on a GPU."""
+    W1 = W1.clone()
+    Q1 = torch.empty_like(W1, dtype=torch.int32)
+    Err1 = torch.empty_like(W1)
+    for i in range(W1.shape[1]):
+        col, s_col = W1[:, i], S1[:, i]
+        q = torch.round(col / s_col)
+        if Z1 is not None:
+            q += Z1[:, i]
+        q.clamp_(low, high)
+        Q1[:, i] = q.to(torch.int32)
+        if Z1 is not None:
+            q -= Z1[:, i]
+        err = (col - q * s_col) / U1[i, i]  # the paper's (w_q − quant(w_q)) / [H⁻¹]_qq
+        W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
+        Err1[:, i] = err
+    return Q1, Err1
+
+
+@torch.no_grad()
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 128, symmetric: bool = True,
                   damp: float = 0.01, act_order: bool = True, block_size: int = 128, mse: bool = False,
                   scale_dtype: torch.dtype = torch.float32):
@@ -71,7 +98,9 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     g = in_features if group_size == -1 else group_size
     low, high = int_range(bits, symmetric)
 
-    energy = torch.diag(H).clone()  # (in,) in the stored order
+    # H's diagonal blocks, one per group, in the stored order: `(groups, g, g)`
+    blocks = H.reshape(in_features // g, g, in_features // g, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1) if mse \
+        else None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         H = H[perm][:, perm]
@@ -79,7 +108,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         perm = torch.arange(in_features, device=W.device)
     static = act_order or group_size == -1
     if static:  # every group's parameters from the unquantized weight, in the stored (original) order
-        scale, zero = _qparams(W, bits, group_size, symmetric, mse, scale_dtype, energy)
+        scale, zero = _qparams(W, bits, group_size, symmetric, mse, scale_dtype, blocks)
     else:
         scale = torch.empty((out_features, in_features // g), device=W.device)
         zero = None if symmetric else torch.empty((out_features, in_features // g), dtype=torch.int32,
@@ -92,36 +121,30 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     if not static:  # a group's columns must fall in one block, so that its parameters see the updated weight
         block_size = g * max(1, block_size // g)
     Q = torch.empty_like(W, dtype=torch.int32)  # (out, in) codes in solving order
+    fast = static and triton_available(W.device)
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
-        W1 = W[:, i1:i2].clone()  # (out, count)
-        Err1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
         if static:
             S1 = scale[:, group_of[i1:i2]]  # (out, count) scale of each column
             Z1 = None if zero is None else zero[:, group_of[i1:i2]].float()
-        for i in range(i2 - i1):
-            if not static and (i1 + i) % g == 0:
-                gi = (i1 + i) // g
-                s, z = _qparams(W1[:, i:i + g], bits, -1, symmetric, mse, scale_dtype, energy[i1 + i:i1 + i + g])
-                scale[:, gi] = s[:, 0]
+            count = i2 - i1
+            columns = gptq_columns if fast and count & (count - 1) == 0 else columns_reference
+            Q[:, i1:i2], Err1 = columns(W[:, i1:i2], U1, S1, Z1, low, high)
+        else:
+            W1 = W[:, i1:i2].clone()  # (out, count)
+            Err1 = torch.empty_like(W1)
+            for j in range(i1, i2, g):  # each group's parameters from its columns as updated so far
+                s, z = _qparams(W1[:, j - i1:j - i1 + g], bits, -1, symmetric, mse, scale_dtype,
+                                None if blocks is None else blocks[j // g:j // g + 1])
+                scale[:, j // g] = s[:, 0]
                 if zero is not None:
-                    zero[:, gi] = z[:, 0]
-            if static:
-                s_col, z_col = S1[:, i], (None if Z1 is None else Z1[:, i])
-            else:
-                s_col, z_col = scale[:, (i1 + i) // g], (None if zero is None else zero[:, (i1 + i) // g].float())
-            col = W1[:, i]
-            q = torch.round(col / s_col)
-            if z_col is not None:
-                q += z_col
-            q.clamp_(low, high)
-            Q[:, i1 + i] = q.to(torch.int32)
-            if z_col is not None:
-                q -= z_col
-            err = (col - q * s_col) / U1[i, i]  # the paper's (w_q − quant(w_q)) / [H⁻¹]_qq
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
-            Err1[:, i] = err
+                    zero[:, j // g] = z[:, 0]
+                cols = slice(j - i1, j - i1 + g)
+                Q[:, j:j + g], Err1[:, cols] = columns_reference(
+                    W1[:, cols], U1[cols, cols], s.expand(-1, g), None if z is None else z.float().expand(-1, g),
+                    low, high)
+                W1[:, cols.stop:].addmm_(Err1[:, cols], U1[cols, cols.stop:], alpha=-1)
         W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)  # the block's errors, spread over later columns at once
     codes = torch.empty_like(Q)
     codes[:, perm] = Q

@@ -459,8 +459,9 @@ def run_recipe(recipe_path, model, work_dir, calib_given: dict, out_dir=None, ma
 def quantize_weights(model, work_dir, steps: list, fmt: str, calib, out_dir=None, max_shard_size="5GB",
                      batch_size="auto", device=None, dtype="auto", trust_remote_code=False, max_gpu_memory="8GiB",
                      record: dict | None = None) -> str:
-    """Weight-only quantization (`lite auto_gptq`, weight-only recipes): `steps` `[(name, settings)]`,
-    model-preparation transforms and then the quantizing step (`gptq`, or `rtn` with `bits`), in one
+    """Weight-only quantization (`lite auto_gptq`, `lite auto_awq`, weight-only recipes): `steps`
+    `[(name, settings)]`, model-preparation transforms, optionally `awq`'s scale search, then the
+    quantizing step (`gptq`, or `rtn` with `bits`), in one
     sweep over the blocks streamed from a local safetensors folder (a hub id is downloaded first), each
     finished block written to `out_dir` in `fmt`. With transforms, or when the folder does not stream,
     the model is loaded; a loaded model's folder is read back and compared with the in-memory one.
@@ -474,12 +475,14 @@ def quantize_weights(model, work_dir, steps: list, fmt: str, calib, out_dir=None
     from lite.steps.transforms import transform_
     from lite.sweep import Timer, sweep
 
-    (name, settings), transforms = steps[-1], steps[:-1]
+    (name, settings) = steps[-1]
+    transforms = [(n, s) for n, s in steps[:-1] if n in TRANSFORMS]
     scheme = weight_only.WeightScheme(settings.get("bits", 4), settings.get("group_size", 128),
                                       settings.get("symmetric", True))
     weight_only.check_weight_format(fmt, scheme)
-    quantizer = create(name, **settings, fmt=fmt)  # refuses bad settings now
-    assert all(n in TRANSFORMS for n, _ in transforms), f"only transforms may come before {name}: {steps}"
+    # Steps of the sweep (refusing bad settings now): awq's search, if any, then the quantizing step.
+    sweep_steps = [create(n, **s) for n, s in steps[:-1] if n not in TRANSFORMS] + [create(name, **settings, fmt=fmt)]
+    assert all(n in (*TRANSFORMS, "awq") for n, _ in steps[:-1]), f"unexpected steps before {name}: {steps}"
     device, _ = check_device(device), resolve_dtype(dtype)
     check_batch_size(batch_size)
     for flag, size in (("--max-shard-size", max_shard_size), ("--max-gpu-memory", max_gpu_memory)):
@@ -505,7 +508,7 @@ def quantize_weights(model, work_dir, steps: list, fmt: str, calib, out_dir=None
             writer = weight_only.streaming_writer(tmp, loaded.model, fmt, scheme, max_shard_size, source.dtype,
                                                   loaded.tokenizer, loaded.folder, (work.path, recorded),
                                                   "mse" if settings.get("mse") else "minmax")
-            summary = sweep(source, [quantizer], tokens, writer, batch_size, device, max_gpu_memory, timer)
+            summary = sweep(source, sweep_steps, tokens, writer, batch_size, device, max_gpu_memory, timer)
         if not streamed:
             check_readback(loaded.model, out_dir, readback_batches(loaded.tokenizer, tokens))
         work.record("export", {**recorded, "out_dir": out_dir})

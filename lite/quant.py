@@ -133,12 +133,16 @@ MSE_CLIPS = torch.linspace(0.5, 1.0, 51)  # the clip ratios c that `mse_clip` tr
 
 
 def mse_clip(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool = True,
-             clips: torch.Tensor = MSE_CLIPS, importance: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+             clips: torch.Tensor = MSE_CLIPS, importance: torch.Tensor | None = None,
+             hessian: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`weight_qparams` with each group's clip ratio c (from `clips`) chosen to minimize that group's
-    squared quantize-dequantize error, each input column's error weighted by `importance` `(in,)` when
-    given (GPTQ passes diag H, the energy of the inputs it multiplies); never worse than c = 1 when 1 is
-    among `clips`."""
+    error, never worse than c = 1 when 1 is among `clips`. The error of a group's weight error d `(g,)`:
+
+    - plain: Σ d²;
+    - `importance` `(in,)` (e.g. the mean x² of each input): Σ importance · d²;
+    - `hessian` `(groups, g, g)`, the diagonal blocks of E[x xᵀ]: dᵀ H_gg d, the mean squared error the
+      group adds to the linear's output over the calibration tokens (per channel: exactly its output error).
+    """
     best_err, best = None, None
     x = _grouped(w.float(), group_size)  # (out, groups, g)
     weight = 1.0 if importance is None else _grouped(importance.float()[None, :], group_size)  # (1, groups, g)
@@ -146,7 +150,11 @@ def mse_clip(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool =
         scale, zero = weight_qparams(w, bits, group_size, symmetric, c)
         deq = _grouped(dequantize_weight(quantize_weight(w, scale, zero, bits, group_size), scale, zero, group_size),
                        group_size)
-        err = ((deq - x).pow(2) * weight).sum(dim=-1)  # (out, groups)
+        d = deq - x  # (out, groups, g)
+        if hessian is not None:
+            err = torch.einsum("ogi,gij,ogj->og", d, hessian, d)  # (out, groups)
+        else:
+            err = (d.pow(2) * weight).sum(dim=-1)  # (out, groups)
         if best is None:
             best_err, best = err, (scale, zero)
             continue

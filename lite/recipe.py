@@ -12,7 +12,8 @@
 
 What this version runs: model-preparation transforms first (`fuse_norms`, `rotate`,
 `center_embeddings`), then either W8A8 (optionally `smoothquant`, optionally `static_scales`, then
-`rtn`) or weight-only (`rtn` with `bits`, or `gptq`, with format compressed-tensors, awq or gptq).
+`rtn`) or weight-only (optionally `awq`, then `rtn` with `bits` or `gptq`, with format
+compressed-tensors, awq or gptq).
 The quantizing step ends the list. Every key is checked before any work; an unknown one is an error naming it and the
 allowed ones. (Flag files for `--recipe` are a different thing: lite/recipes.py.)
 """
@@ -30,7 +31,8 @@ TRANSFORMS = ("fuse_norms", "rotate", "center_embeddings")
 STEP_SETTINGS = {"fuse_norms": (), "rotate": ("seed",), "center_embeddings": ("force",),
                  "smoothquant": ("alpha", "w_stat"), "static_scales": ("act_observer", "act_percentile"),
                  "rtn": ("quant_dtype", "export_migration_scale", "bits", "group_size", "symmetric", "mse"),
-                 "gptq": ("bits", "group_size", "symmetric", "damp", "act_order", "block_size", "mse")}
+                 "gptq": ("bits", "group_size", "symmetric", "damp", "act_order", "block_size", "mse"),
+                 "awq": ("bits", "group_size", "symmetric", "n_grid", "max_tokens", "clip")}
 WEIGHT_ONLY_FORMATS = ("compressed-tensors", "awq", "gptq")
 
 
@@ -124,7 +126,7 @@ def _check_settings(path: str, name: str, settings: dict) -> None:
             ActSettings("static", **settings)
         elif name == "rtn" and settings.get("bits") is None:
             check_quant_dtype(settings.get("quant_dtype", "int8"))
-        elif name in ("rtn", "gptq"):
+        elif name in ("rtn", "gptq", "awq"):
             from lite.steps import create
 
             create(name, **settings)
@@ -140,8 +142,16 @@ def _check_order(path: str, steps: list, fmt: str) -> None:
     names = [n for n, _ in steps]
     weight_only = bool(names) and (names[-1] == "gptq" or (names[-1] == "rtn" and steps[-1][1].get("bits") is not None))
     if weight_only:
-        if any(n not in TRANSFORMS for n in names[:-1]):
-            _fail(path, "a weight-only recipe (gptq, or rtn with bits) has only transforms before its quantizing step")
+        rest = [n for n in names[:-1] if n not in TRANSFORMS]
+        if rest not in ([], ["awq"]) or (rest and names[-2] != "awq"):
+            _fail(path, "a weight-only recipe is transforms, optionally awq, then its quantizing step (gptq, or rtn "
+                        "with bits)")
+        if rest:
+            scheme = {k: steps[-2][1].get(k, d) for k, d in (("bits", 4), ("group_size", 128), ("symmetric", False))}
+            final = {k: steps[-1][1].get(k, d) for k, d in (("bits", 4), ("group_size", 128), ("symmetric", True))}
+            if scheme != final:
+                _fail(path, f"awq searches for {scheme} but {names[-1]} quantizes to {final}; give both the same "
+                            "bits, group_size and symmetric")
         if fmt not in WEIGHT_ONLY_FORMATS:
             _fail(path, f"weight-only steps write format compressed-tensors, awq or gptq, not {fmt!r}")
         if "rotate" in names and "fuse_norms" not in names[:names.index("rotate")]:

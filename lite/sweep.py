@@ -117,7 +117,14 @@ def _attach(block: torch.nn.Module, hooks: list[Hook]) -> list:
             observer.update(args[0] if where == "input" else out)
         return hook
 
-    return [block.get_submodule(h.module).register_forward_hook(feed(h.observer, h.where)) for h in hooks]
+    def feed_call(observer):
+        def hook(module, args, kwargs, out):
+            observer.update_call(args, kwargs, out)
+        return hook
+
+    return [block.get_submodule(h.module).register_forward_hook(feed_call(h.observer), with_kwargs=True)
+            if h.where == "call" else block.get_submodule(h.module).register_forward_hook(feed(h.observer, h.where))
+            for h in hooks]
 
 
 @torch.no_grad()

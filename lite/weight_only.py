@@ -210,12 +210,17 @@ def describe(qc: dict) -> str:
 
 
 @torch.no_grad()
-def quantize_rtn(w: torch.Tensor, scheme: WeightScheme, mse: bool, scale_dtype: torch.dtype):
+def quantize_rtn(w: torch.Tensor, scheme: WeightScheme, mse: bool, scale_dtype: torch.dtype,
+                 hessian: torch.Tensor | None = None):
     """Round-to-nearest (codes, scale, zero) of a weight `(out, in)`; `mse` searches each group's clipping
-    range. The scale is rounded to `scale_dtype` before the codes are computed with it."""
+    range (by the output error its inputs' `hessian` blocks `(groups, g, g)` give, when given). The scale
+    is rounded to `scale_dtype` before the codes are computed with it."""
     from lite.quant import mse_clip, quantize_weight, weight_qparams
 
-    scale, zero = (mse_clip if mse else weight_qparams)(w, scheme.bits, scheme.group_size, scheme.symmetric)
+    if mse:
+        scale, zero = mse_clip(w, scheme.bits, scheme.group_size, scheme.symmetric, hessian=hessian)
+    else:
+        scale, zero = weight_qparams(w, scheme.bits, scheme.group_size, scheme.symmetric)
     scale = scale.to(scale_dtype).float()
     return quantize_weight(w, scale, zero, scheme.bits, scheme.group_size), scale, zero
 

@@ -1,6 +1,8 @@
-"""Benchmark `lite smooth_quant` on a random-weight Llama checkpoint, next to two floors measured in the same run.
+"""Benchmark `lite smooth_quant` (or `auto_gptq`, `auto_awq`) on a random-weight Llama checkpoint, next to two
+floors measured in the same run.
 
     python scripts/bench_pipeline.py                       # Llama-3-8B shape, 128 x 2048 random tokens, cuda
+    python scripts/bench_pipeline.py --command auto_gptq   # W4A16 GPTQ, groups of 128, compressed-tensors
     python scripts/bench_pipeline.py --layers 4 --hidden 8192 --intermediate 28672 --heads 64   # 70B-shaped slice
     python scripts/bench_pipeline.py --device cpu --hidden 2048 --intermediate 5632 --heads 16 --kv-heads 4 \\
         --vocab 32000 --layers 8 --samples 8 --seqlen 512  # ~1 GB bf16 model on the CPU
@@ -173,7 +175,9 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch-size", default="auto")
     p.add_argument("--max-gpu-memory", default="8GiB")
-    p.add_argument("--format", default="lmdeploy", help="lmdeploy or compressed-tensors")
+    p.add_argument("--command", default="smooth_quant", choices=["smooth_quant", "auto_gptq", "auto_awq"],
+                   help="the lite command to time (weight-only: W4A16 groups of 128, the command's defaults)")
+    p.add_argument("--format", default=None, help="--format of the command (default: the command's own)")
     p.add_argument("--act-scheme", default="dynamic", help="dynamic or static (compressed-tensors)")
     p.add_argument("--act-observer", default="minmax")
     p.add_argument("--root", default="/tmp/lite-bench", help="folder for the checkpoint, work dir and output")
@@ -192,10 +196,13 @@ def main():
 
     _, import_rss, _ = run_child([sys.executable, "-c", IMPORTS])
     cold = drop_caches() if args.drop_caches else False
-    argv = [sys.executable, "-c", CLI, "smooth_quant", model, "--work-dir", work, "--calib-dataset", "random",
+    argv = [sys.executable, "-c", CLI, args.command, model, "--work-dir", work, "--calib-dataset", "random",
             "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen), "--device", args.device,
-            "--batch-size", str(args.batch_size), "--max-gpu-memory", args.max_gpu_memory, "--verbose",
-            "--format", args.format, "--act-scheme", args.act_scheme, "--act-observer", args.act_observer]
+            "--batch-size", str(args.batch_size), "--max-gpu-memory", args.max_gpu_memory, "--verbose"]
+    if args.format is not None:
+        argv += ["--format", args.format]
+    if args.command == "smooth_quant":
+        argv += ["--act-scheme", args.act_scheme, "--act-observer", args.act_observer]
     wall, rss, output = run_child(argv)
     timings = [line for line in output.splitlines() if line.startswith("timings ")][-1]  # static: two passes
     import_wall = float(next(line for line in output.splitlines() if line.startswith("imports_s ")).split()[1])
@@ -216,7 +223,7 @@ def main():
     print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}; "
           f"tokens: {args.samples} x {args.seqlen} random; page cache dropped before lite: {cold}")
     print(f"lite stages (s): {timings[len('timings '):]}")
-    print(f"smooth_quant, process start to complete output folder: {wall:.1f} s")
+    print(f"{args.command}, process start to complete output folder: {wall:.1f} s")
     print(f"  minus imports ({import_wall:.1f} s, timed inside the lite process): {wall - import_wall:.1f} s")
     print(f"peak RSS: {rss:.2f} GiB (import-only process: {import_rss:.2f} GiB; above it: {rss - import_rss:.2f} GiB "
           f"= {(rss - import_rss) * 2**30 / size * 100:.0f} % of the {size / 1e9:.2f} GB checkpoint)")

@@ -40,6 +40,7 @@ def create(name: str, **settings) -> Step:
 
 
 def _register_builtin() -> None:
+    from lite.steps.awq import Awq
     from lite.steps.gptq import Gptq
     from lite.steps.rtn import Rtn
     from lite.steps.smoothquant import SmoothQuant
@@ -55,6 +56,7 @@ def _register_builtin() -> None:
     register("smoothquant", SmoothQuant)
     register("rtn", Rtn)
     register("gptq", Gptq)
+    register("awq", Awq)
 
 
 _register_builtin()

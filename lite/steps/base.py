@@ -8,14 +8,15 @@ import torch.nn as nn
 
 @dataclass
 class Hook:
-    """Feed `observer.update` with the input (first positional argument) or the output of a module of the block."""
+    """Feed `observer.update` with the input (first positional argument) or the output of a module of the
+    block, or `observer.update_call` with a whole call (to run the module again later on the same inputs)."""
 
     module: str  # dotted name relative to the block
-    where: str  # "input" or "output"
+    where: str  # "input", "output", or "call": `observer.update_call(args, kwargs, output)` of each call
     observer: object
 
     def __post_init__(self):
-        assert self.where in ("input", "output"), f"Hook.where must be input or output, got {self.where!r}"
+        assert self.where in ("input", "output", "call"), f"Hook.where must be input, output or call, got {self.where!r}"
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 from lite.errors import LiteError
 from lite.gptq import gptq_quantize
 from lite.observers import input_groups
+from lite.smooth import fold_scales_
 from lite.steps.base import Block, Hook, Step
 from lite.weight_only import WeightScheme, scale_dtype_of, swap_quantized_
 
@@ -66,11 +67,18 @@ class Gptq(Step):
     @torch.no_grad()
     def apply_(self, block: Block) -> None:
         module = block.module
+        # Scales left by an earlier step (awq, smoothquant) fold in first: the consumers then read x / s,
+        # whose Hessian is H / (s sᵀ).
+        fold_scales_(module, block.prefix, block.arch, block.config, block.scales)
         for group, observer in self._observed:
             linears = [module.get_submodule(name) for name in group]
             W = torch.cat([linear.weight for linear in linears])  # (Σ out, in): rows are independent given H
+            H, s = observer.result(), block.scales.get(f"{block.prefix}.{group[0]}")
+            if s is not None:
+                s = s.float().to(H.device)
+                H = H / torch.outer(s, s)
             codes, scale, zero, damp = gptq_quantize(
-                W, observer.result(), self.scheme.bits, self.scheme.group_size, self.scheme.symmetric, self.damp,
+                W, H, self.scheme.bits, self.scheme.group_size, self.scheme.symmetric, self.damp,
                 self.act_order, self.block_size, self.mse, scale_dtype_of(self.fmt, W.dtype))
             if damp != self.damp:
                 fqns = ", ".join(f"{block.prefix}.{name}" for name in group)

@@ -5,8 +5,11 @@
   checkpoint holds: lmdeploy's layout turns the norms feeding the linears into QRMSNorms;
   compressed-tensors keeps them plain.
 - Weight-only (`bits` given): `bits`-bit integers per group of `group_size` input columns,
-  symmetric or with zero points, optionally with each group's clipping range searched (`mse`);
-  the linears become WQLinears of `fmt`'s layout (compressed-tensors pack-quantized, awq, gptq).
+  symmetric or with zero points; the linears become WQLinears of `fmt`'s layout (compressed-tensors
+  pack-quantized, awq, gptq). With `mse`, each group's clipping range is searched for the least
+  squared error the group adds to the linear's output on the calibration tokens: dᵀ H_gg d with d the
+  group's weight error and H_gg its block of E[x xᵀ] (observed in the block's forward).
+  Scales left on the block by `awq` are folded in first.
 """
 
 import torch
@@ -16,7 +19,8 @@ from lite.archs import quantized_linears
 from lite.export import quantize_block_
 from lite.quant import quant_dtype_of
 from lite.smooth import fold_scales_
-from lite.steps.base import Block, Step
+from lite.observers import input_groups
+from lite.steps.base import Block, Hook, Step
 from lite.weight_only import WeightScheme, quantize_rtn, scale_dtype_of, swap_quantized_
 
 
@@ -26,18 +30,60 @@ class Rtn(Step):
         self.qdtype, self.export_migration_scale, self.fmt = quant_dtype_of(quant_dtype), export_migration_scale, fmt
         self.scheme = None if bits is None else WeightScheme(bits, group_size, symmetric)
         self.mse = bool(mse)
+        self._hessians = []
+
+    def observers(self, block: Block) -> list[Hook]:
+        if self.scheme is None or not self.mse:
+            return []
+        groups = input_groups(block.arch, block.module)
+        self._hessians = [(group, GroupHessian(self.scheme.group_size)) for group in groups]
+        return [Hook(group[0], "input", observer) for group, observer in self._hessians]
 
     @torch.no_grad()
     def apply_(self, block: Block) -> None:
         if self.scheme is not None:
             fold_scales_(block.module, block.prefix, block.arch, block.config, block.scales)
-            for name in quantized_linears(block.arch, block.module):
-                w = block.module.get_submodule(name).weight
-                codes, scale, zero = quantize_rtn(w, self.scheme, self.mse, scale_dtype_of(self.fmt, w.dtype))
-                swap_quantized_(block.module, name, codes, scale, zero, self.fmt, self.scheme)
+            alone = [((name,), None) for name in quantized_linears(block.arch, block.module)]
+            for group, observer in self._hessians or alone:
+                hessian = None
+                if observer is not None:
+                    hessian, s = observer.result(), block.scales.get(f"{block.prefix}.{group[0]}")
+                    if s is not None:  # the consumers read x / s once the scales are folded
+                        s = s.float().reshape(hessian.shape[:2])  # (groups, g)
+                        hessian = hessian / (s[:, :, None] * s[:, None, :])
+                for name in group:
+                    w = block.module.get_submodule(name).weight
+                    codes, scale, zero = quantize_rtn(w, self.scheme, self.mse, scale_dtype_of(self.fmt, w.dtype),
+                                                      hessian)
+                    swap_quantized_(block.module, name, codes, scale, zero, self.fmt, self.scheme)
+            self._hessians = []
         elif self.fmt == "lmdeploy":
             quantize_block_(block.module, block.prefix, block.arch, block.config, self.qdtype, block.scales,
                             self.export_migration_scale)
         else:
             compressed_tensors.quantize_block_(block.module, block.prefix, block.arch, block.config, self.qdtype,
                                                block.scales, block.input_scales)
+
+
+class GroupHessian:
+    """The diagonal blocks of E[x xᵀ] over the tokens a linear reads, one `(g, g)` block per group of
+    `group_size` input channels (-1: the whole matrix): `result()` is `(groups, g, g)` fp32."""
+
+    def __init__(self, group_size: int):
+        self.group_size, self.sum, self.tokens = group_size, None, 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        g = x.shape[1] if self.group_size == -1 else self.group_size
+        xg = x.reshape(x.shape[0], -1, g)  # (tokens, groups, g)
+        total = torch.einsum("tgi,tgj->gij", xg, xg)
+        self.sum = total if self.sum is None else self.sum + total
+        self.tokens += x.shape[0]
+
+    def merge(self, other: "GroupHessian") -> None:
+        if other.sum is not None:
+            self.sum = other.sum.clone() if self.sum is None else self.sum + other.sum.to(self.sum.device)
+            self.tokens += other.tokens
+
+    def result(self) -> torch.Tensor:
+        return self.sum / self.tokens

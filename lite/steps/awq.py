@@ -1,0 +1,155 @@
+"""`awq`: activation-aware weight scaling (Lin et al. 2023, "AWQ: Activation-aware Weight Quantization
+for LLM Compression and Acceleration", Sec. 3.2), block by block.
+
+For each smoothing pair of the architecture table (norm → q/k/v, v → o, norm → gate/up, up → down),
+the consumers' input columns are multiplied by s and the producer divided by it, which leaves the
+float model unchanged but moves rounding error away from the channels that carry large activations.
+s = mean|x|^r / mean_w^(1−r) (mean_w: each weight's magnitude relative to its group's largest,
+averaged over rows), normalized so that sqrt(max · min) = 1; the ratio r is chosen from a grid (plus
+s = 1, so the search never loses to no scaling) by the output error of the whole sub-module (the
+attention for q/k/v, the MLP for gate/up, the consumer linear for v → o and up → down) on the block's
+calibration inputs, with the consumers' weights quantized as the following step will quantize them
+(clipping ranges searched by the output error, on a coarser grid).
+With grouped-query attention, one factor per V channel serves every query head that reads it.
+
+The scales are left on `block.scales`; the quantizing step that follows (`rtn` with `bits`, or
+`gptq`) folds them into the producers and consumers exactly as SmoothQuant's are folded.
+"""
+
+import torch
+
+from lite.archs import kv_group_index
+from lite.errors import LiteError
+from lite.quant import dequantize_weight, mse_clip, quantize_weight, weight_qparams
+from lite.smooth import MIN_SCALE, _reduce_over_group
+from lite.steps.base import Block, Hook, Step
+from lite.steps.rtn import GroupHessian
+from lite.weight_only import WeightScheme
+
+
+class Calls:
+    """What a module was called with and returned during the block's forward: the mean |x| of its input
+    channels over every token, and the first calls up to `max_tokens` tokens, to run it again."""
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens, self.calls, self.tokens = max_tokens, [], 0
+        self.abs_sum, self.count = None, 0
+
+    def update_call(self, args, kwargs, out) -> None:
+        x = args[0] if args else kwargs["hidden_states"]
+        flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        total = flat.float().abs().sum(dim=0)
+        self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
+        self.count += flat.shape[0]
+        if self.tokens < self.max_tokens:
+            self.calls.append((args, kwargs, out[0] if isinstance(out, tuple) else out))
+            self.tokens += flat.shape[0]
+
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / self.count
+
+
+# Clip ratios the search tries for each candidate s (the quantizing step then searches 51).
+SEARCH_CLIPS = torch.linspace(0.5, 1.0, 11)
+
+
+def _fake_quantize(w: torch.Tensor, scheme: WeightScheme, hessian: torch.Tensor | None) -> torch.Tensor:
+    """w `(out, in)` quantized and dequantized as the quantizing step will: with `hessian` `(groups, g, g)`,
+    each group's clipping range chosen by the output error it adds."""
+    if hessian is None:
+        scale, zero = weight_qparams(w, scheme.bits, scheme.group_size, scheme.symmetric)
+    else:
+        scale, zero = mse_clip(w, scheme.bits, scheme.group_size, scheme.symmetric, SEARCH_CLIPS, hessian=hessian)
+    return dequantize_weight(quantize_weight(w, scale, zero, scheme.bits, scheme.group_size), scale, zero,
+                             scheme.group_size)
+
+
+class Awq(Step):
+    """Settings: `bits`, `group_size`, `symmetric` (the scheme the following step quantizes to), `n_grid`
+    (ratios r = 0, 1/n, ..., (n−1)/n), `max_tokens` (calibration tokens per sub-module the search runs on),
+    `clip` (quantize each candidate with its clipping ranges searched, as `rtn`'s `mse` will; false:
+    the full range, as the paper)."""
+
+    def __init__(self, bits: int = 4, group_size: int = 128, symmetric: bool = False, n_grid: int = 20,
+                 max_tokens: int = 65536, clip: bool = True):
+        self.scheme = WeightScheme(bits, group_size, symmetric)
+        if not (isinstance(n_grid, int) and n_grid > 0):
+            raise LiteError(f"awq n_grid must be a positive integer, got {n_grid!r}")
+        if not (isinstance(max_tokens, int) and max_tokens > 0):
+            raise LiteError(f"awq max_tokens must be a positive integer, got {max_tokens!r}")
+        self.n_grid, self.max_tokens, self.clip = n_grid, max_tokens, bool(clip)
+        self._pairs = []
+        self.ratios = {}  # {consumer fqn: the ratio chosen, or None for s = 1}
+        self.losses = {}  # {consumer fqn: (search loss with the chosen s, with s = 1)}
+
+    def _plan(self, block: Block) -> list[tuple[tuple[str, ...], str, bool]]:
+        """[(consumers, module whose calls are inspected, one factor per KV head?)] for the block."""
+        plan = []
+        for pair in block.arch.norm_pairs:
+            parents = {name.rpartition(".")[0] for name in pair.linears}
+            parent = parents.pop() if len(parents) == 1 else ""
+            plan.append((pair.linears, parent or pair.linears[0], False))
+        for pair in block.arch.linear_pairs:
+            plan.append(((pair.consumer,), pair.consumer, pair.per_kv_head))
+        return plan
+
+    def observers(self, block: Block) -> list[Hook]:
+        self._pairs = [(consumers, inspect, per_kv, Calls(self.max_tokens))
+                       for consumers, inspect, per_kv in self._plan(block)]
+        return [Hook(inspect, "call", calls) for _, inspect, _, calls in self._pairs]
+
+    @torch.no_grad()
+    def apply_(self, block: Block) -> None:
+        for consumers, inspect, per_kv, calls in self._pairs:
+            s, ratio, losses = self._search(block, consumers, inspect, per_kv, calls)
+            for name in consumers:
+                block.scales[f"{block.prefix}.{name}"] = s
+                self.ratios[f"{block.prefix}.{name}"] = ratio
+                self.losses[f"{block.prefix}.{name}"] = losses
+        self._pairs = []
+
+    def _search(self, block: Block, consumers, inspect: str, per_kv: bool, calls: Calls):
+        """(s `(in,)` fp32, the ratio it came from or None for s = 1, (its loss, the loss of s = 1)): the s with
+        the least output error of `inspect`."""
+        module = block.module.get_submodule(inspect)
+        linears = [block.module.get_submodule(name) for name in consumers]
+        originals = [linear.weight.detach().clone() for linear in linears]
+        W = torch.cat(originals).float()  # (Σ out, in)
+        g = W.shape[1] if self.scheme.group_size == -1 else self.scheme.group_size
+        w_abs = W.abs().reshape(-1, g)  # (Σ out · groups, g)
+        w_mean = (w_abs / w_abs.amax(dim=1, keepdim=True).clamp(min=MIN_SCALE)).reshape(W.shape).mean(dim=0)  # (in,)
+        x_mean = calls.mean_abs()  # (in,)
+        if per_kv:  # one factor per V channel, shared by the query heads that read it
+            index = kv_group_index(block.config).to(W.device)
+            size = int(index.max()) + 1
+            x_mean, w_mean = _reduce_over_group(x_mean, index, size), _reduce_over_group(w_mean, index, size)
+        candidates = [(None, torch.ones_like(x_mean))]
+        for i in range(self.n_grid):
+            r = i / self.n_grid
+            s = (x_mean.pow(r) / w_mean.clamp(min=MIN_SCALE).pow(1 - r)).clamp(min=MIN_SCALE)
+            candidates.append((r, s / (s.max() * s.min()).sqrt()))
+        H = None
+        if self.clip:  # the diagonal blocks of E[x xᵀ] of the consumers' input, on the searched tokens
+            H = GroupHessian(self.scheme.group_size)
+            for args, kwargs, _ in calls.calls:
+                H.update(args[0] if args else kwargs["hidden_states"])
+            H = H.result()
+        best, best_loss = None, float("inf")
+        for r, s in candidates:
+            s_in = s[index] if per_kv else s  # (in,)
+            sg = s_in.reshape(-1, g)  # (groups, g)
+            Hs = None if H is None else H / (sg[:, :, None] * sg[:, None, :])  # of the scaled input x / s
+            for linear, w in zip(linears, originals):
+                linear.weight.copy_((_fake_quantize(w.float() * s_in, self.scheme, Hs) / s_in).to(w.dtype))
+            loss = 0.0
+            for args, kwargs, target in calls.calls:
+                out = module(*args, **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                loss += (out.float() - target.float()).pow(2).sum().item()
+            if r is None:
+                unscaled = loss
+            if loss < best_loss:
+                best, best_loss = (s_in.float(), r), loss
+        for linear, w in zip(linears, originals):
+            linear.weight.copy_(w)
+        return *best, (best_loss, unscaled)
