@@ -79,10 +79,10 @@ def test_hooks_are_removed_after_each_block_also_when_a_step_raises(fail_at):
 
 
 def test_registry_creates_by_name_and_refuses_what_is_not_a_step():
-    assert {"statistics", "smoothquant", "rtn"} <= set(STEPS)
+    assert {"statistics", "smoothquant", "rtn", "gptq", "awq"} <= set(STEPS)
     assert type(create("smoothquant", alpha=0.5)).__name__ == "SmoothQuant"
-    with pytest.raises(LiteError, match="unknown step 'gptq'.*registered steps: .*rtn.*smoothquant.*statistics"):
-        create("gptq")
+    with pytest.raises(LiteError, match="unknown step 'spqr'.*registered steps: .*rtn.*smoothquant.*statistics"):
+        create("spqr")
     with pytest.raises(LiteError, match="must be a subclass of lite.steps.Step"):
         register("mine", object)
 
