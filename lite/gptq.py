@@ -39,15 +39,20 @@ def _qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, mse: 
 
 def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """(U, damping used): U upper triangular with UᵀU = (H + λI)⁻¹, λ = damp · mean(diag H); `damp`
-    multiplied by 10 until the factorization succeeds."""
+    multiplied by 10 until the factorization succeeds.
+
+    With J the reversal permutation and J(H + λI)J = L Lᵀ (one Cholesky factorization), U = J L⁻¹ J: it is
+    upper triangular and UᵀU = J L⁻ᵀ L⁻¹ J = (H + λI)⁻¹, the factor GPTQ needs, from one factorization
+    and one triangular inverse instead of the paper's factorize, invert, factorize again.
+    """
     mean_diag = torch.mean(torch.diag(H)).item()
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    flipped = H.flip(0, 1)
     for attempt in range(DAMP_RETRIES + 1):
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        L, info = torch.linalg.cholesky_ex(flipped + damp * mean_diag * eye)
         if info.item() == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info.item() == 0 and bool(torch.isfinite(U).all()):
+            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            if bool(torch.isfinite(U).all()):
                 return U, damp
         damp *= 10
     raise LiteError(f"the Hessian could not be factorized even with damping {damp / 10:g}; the calibration "
@@ -76,6 +81,27 @@ def columns_reference(W1: torch.Tensor, U1: torch.Tensor, S1: torch.Tensor, Z1: 
         err = (col - q * s_col) / U1[i, i]  # the paper's (w_q − quant(w_q)) / [H⁻¹]_qq
         W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
         Err1[:, i] = err
+    return Q1, Err1
+
+
+SUB_BLOCK = 32  # columns per Triton call: a (rows, 32) tile per program stays in registers
+
+
+def columns_on_gpu(W1: torch.Tensor, U1: torch.Tensor, S1: torch.Tensor, Z1: torch.Tensor | None, low: int,
+                   high: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`columns_reference` as the paper's two-level scheme once more: sub-blocks of `SUB_BLOCK` columns
+    through the Triton loop (`lite.kernels.gptq_columns`), each sub-block's errors spread over the rest
+    of the block with one matrix product."""
+    W1 = W1.clone()
+    count = W1.shape[1]
+    Q1 = torch.empty_like(W1, dtype=torch.int32)
+    Err1 = torch.empty_like(W1)
+    for j in range(0, count, SUB_BLOCK):
+        k = min(j + SUB_BLOCK, count)
+        z = None if Z1 is None else Z1[:, j:k]
+        columns = gptq_columns if (k - j) & (k - j - 1) == 0 else columns_reference  # powers of two only
+        Q1[:, j:k], Err1[:, j:k] = columns(W1[:, j:k], U1[j:k, j:k], S1[:, j:k], z, low, high)
+        W1[:, k:].addmm_(Err1[:, j:k], U1[j:k, k:], alpha=-1)
     return Q1, Err1
 
 
@@ -129,7 +155,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
             S1 = scale[:, group_of[i1:i2]]  # (out, count) scale of each column
             Z1 = None if zero is None else zero[:, group_of[i1:i2]].float()
             count = i2 - i1
-            columns = gptq_columns if fast and count & (count - 1) == 0 else columns_reference
+            columns = columns_on_gpu if fast else columns_reference
             Q[:, i1:i2], Err1 = columns(W[:, i1:i2], U1, S1, Z1, low, high)
         else:
             W1 = W[:, i1:i2].clone()  # (out, count)

@@ -63,7 +63,7 @@ def _build():
     return gptq_columns_kernel
 
 
-ROWS_PER_PROGRAM = 16
+ROWS_PER_PROGRAM = 32
 
 
 def gptq_columns(W1: torch.Tensor, U1: torch.Tensor, S1: torch.Tensor, Z1: torch.Tensor | None, low: int, high: int

@@ -142,27 +142,50 @@ def mse_clip(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool =
     - `importance` `(in,)` (e.g. the mean x² of each input): Σ importance · d²;
     - `hessian` `(groups, g, g)`, the diagonal blocks of E[x xᵀ]: dᵀ H_gg d, the mean squared error the
       group adds to the linear's output over the calibration tokens (per channel: exactly its output error).
+
+    Each candidate's grid is computed as `weight_qparams(w, ..., clip=c)` computes it, from the group
+    ranges found once; the quantize-dequantize error goes through one reused buffer.
     """
-    best_err, best = None, None
     x = _grouped(w.float(), group_size)  # (out, groups, g)
-    weight = 1.0 if importance is None else _grouped(importance.float()[None, :], group_size)  # (1, groups, g)
+    low, high = int_range(bits, symmetric)
+    if symmetric:
+        absmax = x.abs().amax(dim=-1)  # (out, groups)
+    else:
+        lo0, hi0 = x.amin(dim=-1).clamp(max=0), x.amax(dim=-1).clamp(min=0)
+    weight = None if importance is None else _grouped(importance.float()[None, :], group_size)  # (1, groups, g)
+    d = torch.empty_like(x)
+    best_err, best_scale, best_zero = None, None, None
     for c in clips.tolist():
-        scale, zero = weight_qparams(w, bits, group_size, symmetric, c)
-        deq = _grouped(dequantize_weight(quantize_weight(w, scale, zero, bits, group_size), scale, zero, group_size),
-                       group_size)
-        d = deq - x  # (out, groups, g)
-        if hessian is not None:
-            err = torch.einsum("ogi,gij,ogj->og", d, hessian, d)  # (out, groups)
+        if symmetric:
+            a = absmax * c
+            scale, zero = torch.where(a > 0, a / high, torch.ones_like(a)), None
         else:
-            err = (d.pow(2) * weight).sum(dim=-1)  # (out, groups)
-        if best is None:
-            best_err, best = err, (scale, zero)
+            lo, hi = lo0 * c, hi0 * c
+            scale = (hi - lo) / (high - low)
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            zero = torch.round(-lo / scale).clamp(low, high)
+        torch.div(x, scale[..., None], out=d).round_()
+        if zero is not None:
+            d.add_(zero[..., None])
+        d.clamp_(low, high)
+        if zero is not None:
+            d.sub_(zero[..., None])
+        d.mul_(scale[..., None]).sub_(x)  # dequantized − original, (out, groups, g)
+        if hessian is not None:
+            dg = d.transpose(0, 1)  # (groups, out, g)
+            err = (torch.bmm(dg, hessian) * dg).sum(dim=-1).T  # (out, groups): dᵀ H_gg d
+        elif weight is not None:
+            err = (d.square_() * weight).sum(dim=-1)
+        else:
+            err = d.square_().sum(dim=-1)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
             continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best = (torch.where(better, scale, best[0]),
-                None if zero is None else torch.where(better, zero, best[1]))
-    return best
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = None if zero is None else torch.where(better, zero, best_zero)
+    return best_scale, None if best_zero is None else best_zero.to(torch.int32)
 
 
 def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lite.gptq import columns_reference, gptq_quantize
+from lite.gptq import columns_on_gpu, columns_reference, gptq_quantize
 from lite.kernels import gptq_columns, triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not triton_available(torch.device("cuda" if torc
 @pytest.mark.parametrize("rows, symmetric", [(1000, True), (4099, False)])
 def test_gptq_columns_match_the_reference(rows, symmetric):
     g = torch.Generator(device="cuda").manual_seed(rows)
-    B = 128
+    B = 32
     W1 = torch.randn(rows, B, device="cuda", generator=g)
     A = torch.randn(4 * B, B, device="cuda", generator=g)
     H = A.T @ A + 0.1 * torch.eye(B, device="cuda")
@@ -41,3 +41,17 @@ def test_gptq_on_the_gpu_reaches_the_cpu_loss():
     cpu = loss(*gptq_quantize(w, H, 4, 128, False)[:3])
     gpu = loss(*gptq_quantize(w.cuda(), H.cuda(), 4, 128, False)[:3])
     assert abs(gpu - cpu) / cpu < 0.01
+
+
+def test_sub_blocks_give_the_reference_block():
+    g = torch.Generator(device="cuda").manual_seed(5)
+    rows, B = 777, 128
+    W1 = torch.randn(rows, B, device="cuda", generator=g)
+    A = torch.randn(4 * B, B, device="cuda", generator=g)
+    U1 = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(A.T @ A + torch.eye(B, device="cuda"))),
+                               upper=True)
+    S1 = (W1.abs().amax(dim=1, keepdim=True) / 7).expand(rows, B).contiguous()
+    q_ref, e_ref = columns_reference(W1, U1, S1, None, -8, 7)
+    q, e = columns_on_gpu(W1, U1, S1, None, -8, 7)
+    assert (q != q_ref).float().mean().item() < 1e-3
+    assert ((e - e_ref).norm() / e_ref.norm()).item() < 1e-3

@@ -17,6 +17,20 @@ from lite.steps.base import Block, Hook, Step
 from lite.weight_only import WeightScheme, scale_dtype_of, swap_quantized_
 
 
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx `(in, in)` in fp32 of x `(tokens, in)`. bf16/fp16 activations on a GPU go through the tensor
+    cores with fp32 accumulation: their products are exact in fp32, so this is the fp32 product of the
+    same values up to summation order, at about ten times the speed (0.1 TFLOP per Llama-3-8B down_proj
+    and batch)."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(x.T, x, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # a torch without mm's out_dtype
+            pass
+    x = x.float()
+    return x.T @ x
+
+
 class Hessian:
     """H = Σ xᵀx over every token x `(in,)` a linear reads, in fp32 on the tensor's device."""
 
@@ -24,10 +38,10 @@ class Hessian:
         self.H, self.tokens = None, 0
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        x = x.reshape(-1, x.shape[-1])  # (tokens, in)
         if self.H is None:
             self.H = torch.zeros((x.shape[1], x.shape[1]), dtype=torch.float32, device=x.device)
-        self.H.addmm_(x.T, x)
+        self.H += gram(x)
         self.tokens += x.shape[0]
 
     def merge(self, other: "Hessian") -> None:
