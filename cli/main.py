@@ -347,7 +347,7 @@ def auto_awq(model: str, work_dir: str = None, recipe: str = None, w_bits: int =
         w_sym: false (default): a zero point per group, as AutoAWQ; true: symmetric codes.
         n_grid: ratios tried per pair: 0, 1/n, ..., (n-1)/n (and no scaling at all).
         mse_clip: choose each group's clipping range by the error it adds to the linear's output on the
-            calibration data (51 ratios from 0.5 to 1 of the full range; 11 while searching the scales)
+            calibration data (51 ratios from 0.5 to 1 of the full range; 6 from 0.75 while searching the scales)
             (default); false: the full range, as the paper.
         format: awq (AutoAWQ GEMM; lmdeploy TurboMind, vLLM, transformers; default), compressed-tensors
             (pack-quantized; vLLM, SGLang, transformers) or gptq. Each refuses, before any work, what its

@@ -87,3 +87,89 @@ def gptq_columns(W1: torch.Tensor, U1: torch.Tensor, S1: torch.Tensor, Z1: torch
                   Q1.stride(0), E1.stride(0), float(low), float(high), HAS_ZERO=Z1 is not S1, B=B,
                   R=ROWS_PER_PROGRAM)
     return Q1, E1
+
+
+_clip_kernel = None
+
+
+def _build_clip():
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def clip_search_kernel(X, H, C, SCALE, ZERO, rows, n_clips, stride_x, stride_s, low, high,
+                           SYM: tl.constexpr, HESS: tl.constexpr, G: tl.constexpr, R: tl.constexpr):
+        r = tl.program_id(0) * R + tl.arange(0, R)  # (R,) rows
+        j = tl.program_id(1)  # the group
+        c = tl.arange(0, G)
+        inside = r < rows
+        x = tl.load(X + r[:, None] * stride_x + j * G + c[None, :], mask=inside[:, None], other=0.0)  # (R, G)
+        if HESS:
+            h = tl.load(H + j * G * G + c[:, None] * G + c[None, :])  # (G, G), this group's block of E[x xᵀ]
+        if SYM:
+            absmax = tl.max(tl.abs(x), axis=1)
+        else:
+            lo0 = tl.minimum(tl.min(x, axis=1), 0.0)
+            hi0 = tl.maximum(tl.max(x, axis=1), 0.0)
+        best = tl.full((R,), float("inf"), tl.float32)
+        best_scale = tl.full((R,), 1.0, tl.float32)
+        best_zero = tl.zeros((R,), tl.float32)
+        for k in range(n_clips):
+            ratio = tl.load(C + k)
+            if SYM:
+                a = absmax * ratio
+                scale = tl.where(a > 0, tl.math.div_rn(a, high), 1.0)
+                q = tl.minimum(tl.maximum(libdevice.rint(tl.math.div_rn(x, scale[:, None])), low), high)
+                zero = tl.zeros((R,), tl.float32)
+            else:
+                lo, hi = lo0 * ratio, hi0 * ratio
+                scale = tl.math.div_rn(hi - lo, high - low)
+                scale = tl.where(scale > 0, scale, 1.0)
+                zero = tl.minimum(tl.maximum(libdevice.rint(tl.math.div_rn(-lo, scale)), low), high)
+                q = libdevice.rint(tl.math.div_rn(x, scale[:, None])) + zero[:, None]
+                q = tl.minimum(tl.maximum(q, low), high) - zero[:, None]
+            d = q * scale[:, None] - x  # (R, G)
+            if HESS:
+                err = tl.sum(tl.dot(d, h, input_precision="ieee") * d, axis=1)
+            else:
+                err = tl.sum(d * d, axis=1)
+            better = err < best
+            best = tl.where(better, err, best)
+            best_scale = tl.where(better, scale, best_scale)
+            best_zero = tl.where(better, zero, best_zero)
+        tl.store(SCALE + r * stride_s + j, best_scale, mask=inside)
+        tl.store(ZERO + r * stride_s + j, best_zero, mask=inside)
+
+    return clip_search_kernel
+
+
+def clip_search_supported(x: torch.Tensor, group_size: int) -> bool:
+    """Whether `clip_search` takes this case: a CUDA weight, groups of a power of two from 16 to 128."""
+    return triton_available(x.device) and 16 <= group_size <= 128 and group_size & (group_size - 1) == 0
+
+
+def clip_search(x: torch.Tensor, bits: int, group_size: int, symmetric: bool, clips: torch.Tensor,
+                hessian: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`lite.quant.mse_clip` (plain or `hessian`-weighted) in one pass over the weight: each program holds
+    R rows of one group and tries every clip ratio on them. (scale, zero) as `mse_clip` returns them."""
+    global _clip_kernel
+    import triton
+
+    from lite.quant import int_range
+
+    if _clip_kernel is None:
+        _clip_kernel = _build_clip()
+    x = x.float().contiguous()
+    rows, n = x.shape
+    groups = n // group_size
+    low, high = int_range(bits, symmetric)
+    scale = torch.empty((rows, groups), dtype=torch.float32, device=x.device)
+    zero = torch.empty_like(scale)
+    h = x if hessian is None else hessian.float().contiguous()  # unused without a Hessian
+    R = 16
+    grid = (triton.cdiv(rows, R), groups)
+    _clip_kernel[grid](x, h, clips.to(device=x.device, dtype=torch.float32), scale, zero, rows, len(clips),
+                       x.stride(0), scale.stride(0), float(low), float(high), SYM=symmetric,
+                       HESS=hessian is not None, G=group_size, R=R)
+    return scale, None if symmetric else zero.to(torch.int32)

@@ -146,6 +146,10 @@ def mse_clip(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool =
     Each candidate's grid is computed as `weight_qparams(w, ..., clip=c)` computes it, from the group
     ranges found once; the quantize-dequantize error goes through one reused buffer.
     """
+    from lite.kernels import clip_search, clip_search_supported
+
+    if importance is None and clip_search_supported(w, group_size):
+        return clip_search(w, bits, group_size, symmetric, clips, hessian)
     x = _grouped(w.float(), group_size)  # (out, groups, g)
     low, high = int_range(bits, symmetric)
     if symmetric:

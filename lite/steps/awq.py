@@ -50,7 +50,7 @@ class Calls:
 
 
 # Clip ratios the search tries for each candidate s (the quantizing step then searches 51).
-SEARCH_CLIPS = torch.linspace(0.5, 1.0, 11)
+SEARCH_CLIPS = torch.linspace(0.75, 1.0, 6)  # measured on stories260K: KL as with 11 from 0.5
 
 
 def _fake_quantize(w: torch.Tensor, scheme: WeightScheme, hessian: torch.Tensor | None) -> torch.Tensor:
