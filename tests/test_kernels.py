@@ -85,4 +85,5 @@ def test_clip_search_matches_mse_clip(symmetric, with_hessian, g, monkeypatch):
     close = (e_fast - e_ref).abs() <= 1e-3 * e_ref.abs() + 1e-9
     assert close.float().mean() > 0.99, (close.float().mean(), (e_fast.sum() / e_ref.sum()).item())
     assert (e_fast.sum() / e_ref.sum()).item() < 1.001
-    assert (fast[0] == reference[0]).float().mean() > 0.95
+    # (The clip ratios themselves differ in about half the groups on an H200: the error is that flat
+    # around its minimum, so the products' fused rounding picks a neighbour of equal error.)
