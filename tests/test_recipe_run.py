@@ -71,7 +71,8 @@ def test_bad_recipes_are_refused_before_any_work(tmp_path, capsys, text, expecte
 
 
 @pytest.mark.parametrize("name", ["w8a8-int8.yaml", "w8a8-int8-static.yaml", "w8a8-int8-vllm.yaml", "w8a8-fp8.yaml",
-                                  "w8a8-int8-rotate-static.yaml", "w4a16-gptq.yaml", "w4a16-rtn.yaml"])
+                                  "w8a8-int8-rotate-static.yaml", "w4a16-gptq.yaml", "w4a16-rtn.yaml",
+                                  "w4a16-awq.yaml", "w4a16-awq-gptq.yaml"])
 def test_shipped_recipes_are_valid(name):
     from lite.recipe import load
 

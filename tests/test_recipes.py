@@ -24,9 +24,10 @@ def recorded_alpha(work):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIGS, "*.yaml"))))
 def test_shipped_recipes_name_only_flags_of_their_command(path):
-    command = "auto_gptq" if os.path.basename(path).startswith("w4a16-gptq") else "smooth_quant"
+    name = os.path.basename(path)
+    command = {"w4a16-gptq.yaml": "auto_gptq", "w4a16-awq.yaml": "auto_awq"}.get(name, "smooth_quant")
     flags = load_recipe(path, COMMANDS[command])
-    assert flags and ("w_bits" if command == "auto_gptq" else "quant_dtype") in flags
+    assert flags and ("quant_dtype" if command == "smooth_quant" else "w_bits") in flags
 
 
 def test_recipe_values_apply(tmp_path):
