@@ -413,8 +413,10 @@ def run_recipe(recipe_path, model, work_dir, calib_given: dict, out_dir=None, ma
         return quantize_weights(model, work_dir, [(n, dict(s)) for n, s in recipe.steps], recipe.format, calib,
                                 out_dir, max_shard_size, batch_size, device, dtype, trust_remote_code,
                                 record=recipe.record())
-    rtn = recipe.settings_of("rtn")
-    quant_dtype, export_migration_scale = rtn.get("quant_dtype", "int8"), bool(rtn.get("export_migration_scale", False))
+    rtn = recipe.settings_of("rtn") or {}
+    gptq = recipe.settings_of("gptq")  # W8A8 with GPTQ-rounded weights (quant_dtype int8)
+    quant_dtype = rtn.get("quant_dtype", "int8") if gptq is None else gptq["quant_dtype"]
+    export_migration_scale = bool(rtn.get("export_migration_scale", False))
     static = recipe.settings_of("static_scales")
     act = ActSettings("static", **static) if static is not None else ActSettings()
     check_export_flags(quant_dtype, recipe.format, act, export_migration_scale, max_shard_size)
@@ -434,6 +436,32 @@ def run_recipe(recipe_path, model, work_dir, calib_given: dict, out_dir=None, ma
         scales = None
         smoothing = recipe.settings_of("smoothquant")
         records = {**calib_record(calib, dtype), **recipe.record()}
+        if gptq is not None:
+            # One sweep: statistics, migration scales, then GPTQ on the smoothed block, written as it goes.
+            from lite.folders import staged_folder, write_marker
+
+            source = Loaded(loaded.model, loaded.arch)
+            steps = [Statistics(), SmoothQuant(**smoothing)] if smoothing is not None else []
+            steps.append(create("gptq", **gptq, fmt=recipe.format))
+            with staged_folder(out_dir) as tmp:
+                if recipe.format == "lmdeploy":
+                    writer = lmdeploy.streaming_writer(tmp, loaded.model, quant_dtype, False, max_shard_size,
+                                                       source.dtype, loaded.tokenizer, loaded.folder, None)
+                else:
+                    writer = ct.streaming_writer(tmp, loaded.model, quant_dtype, max_shard_size, source.dtype,
+                                                 loaded.tokenizer, loaded.folder, None)
+                sweep(source, steps, tokens, writer, batch_size, device)
+                if smoothing is not None:
+                    work.save("statistics", records, steps[0].artifacts())
+                    work.save("migration_scales", {**records, **SmoothSettings(**smoothing).record()},
+                              steps[1].artifacts())
+                settings = {**export_settings(work, recipe.format, quant_dtype, act, False, max_shard_size, dtype,
+                                              smoothing is not None, calib), **recipe.record()}
+                write_marker(tmp, work.path, settings)
+            check_readback(loaded.model, out_dir, readback_batches(loaded.tokenizer, tokens))
+            work.record("export", {**settings, "out_dir": out_dir})
+            print(f"wrote {out_dir}")
+            return out_dir
         if smoothing is not None:
             stats, smooth = Statistics(), SmoothQuant(**smoothing)
             sweep(Loaded(loaded.model, loaded.arch), [stats, smooth], tokens, batch_size=batch_size, device=device)

@@ -77,6 +77,20 @@ class QLinear(nn.Module):
             q.bias.copy_(linear.bias)
         return q
 
+    @classmethod
+    @torch.no_grad()
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        """An int8 QLinear from integer codes `(out, in)` in [-128, 127] and fp32 scales `(out, 1)` found
+        elsewhere (GPTQ), activations per token."""
+        out_features, in_features = codes.shape
+        q = cls(in_features, out_features, bias is not None, torch.int8,
+                torch.float32 if bias is None else bias.dtype, device=codes.device)
+        q.weight.copy_(codes.to(torch.int8))
+        q.scale.copy_(scale.reshape(out_features, 1))
+        if bias is not None:
+            q.bias.copy_(bias)
+        return q
+
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize(self.weight, self.scale)  # (out, in) fp32
 

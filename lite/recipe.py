@@ -12,8 +12,8 @@
 
 What this version runs: model-preparation transforms first (`fuse_norms`, `rotate`,
 `center_embeddings`), then either W8A8 (optionally `smoothquant`, optionally `static_scales`, then
-`rtn`) or weight-only (optionally `awq`, then `rtn` with `bits` or `gptq`, with format
-compressed-tensors, awq or gptq).
+`rtn`, or `gptq` with `quant_dtype: int8` for GPTQ-rounded int8 weights) or weight-only (optionally
+`awq`, then `rtn` with `bits` or `gptq`, with format compressed-tensors, awq or gptq).
 The quantizing step ends the list. Every key is checked before any work; an unknown one is an error naming it and the
 allowed ones. (Flag files for `--recipe` are a different thing: lite/recipes.py.)
 """
@@ -31,7 +31,7 @@ TRANSFORMS = ("fuse_norms", "rotate", "center_embeddings")
 STEP_SETTINGS = {"fuse_norms": (), "rotate": ("seed",), "center_embeddings": ("force",),
                  "smoothquant": ("alpha", "w_stat"), "static_scales": ("act_observer", "act_percentile"),
                  "rtn": ("quant_dtype", "export_migration_scale", "bits", "group_size", "symmetric", "mse"),
-                 "gptq": ("bits", "group_size", "symmetric", "damp", "act_order", "block_size", "mse"),
+                 "gptq": ("bits", "group_size", "symmetric", "damp", "act_order", "block_size", "mse", "quant_dtype"),
                  "awq": ("bits", "group_size", "symmetric", "n_grid", "max_tokens", "clip")}
 WEIGHT_ONLY_FORMATS = ("compressed-tensors", "awq", "gptq")
 
@@ -51,7 +51,7 @@ class Recipe:
     def weight_only(self) -> bool:
         """The last step quantizes weights only (`gptq`, or `rtn` with `bits`)."""
         name, settings = self.steps[-1]
-        return name == "gptq" or (name == "rtn" and settings.get("bits") is not None)
+        return (name == "gptq" and settings.get("quant_dtype") is None) or (name == "rtn" and settings.get("bits") is not None)
 
     def record(self) -> dict:
         """What the manifest and the output's marker keep of the recipe."""
@@ -140,7 +140,9 @@ def _check_settings(path: str, name: str, settings: dict) -> None:
 def _check_order(path: str, steps: list, fmt: str) -> None:
     """transforms*, smoothquant?, static_scales?, rtn; or transforms*, (rtn with bits | gptq)."""
     names = [n for n, _ in steps]
-    weight_only = bool(names) and (names[-1] == "gptq" or (names[-1] == "rtn" and steps[-1][1].get("bits") is not None))
+    last = steps[-1][1] if steps else {}
+    weight_only = bool(names) and ((names[-1] == "gptq" and last.get("quant_dtype") is None)
+                                   or (names[-1] == "rtn" and last.get("bits") is not None))
     if weight_only:
         rest = [n for n in names[:-1] if n not in TRANSFORMS]
         if rest not in ([], ["awq"]) or (rest and names[-2] != "awq"):
@@ -159,6 +161,10 @@ def _check_order(path: str, steps: list, fmt: str) -> None:
         return
     if fmt not in FORMATS:
         _fail(path, f"format {fmt!r} stores weight-only checkpoints; end the steps with gptq or rtn with bits")
+    if names[-1] == "gptq":  # W8A8 with GPTQ rounding
+        if [n for n in names[:-1] if n not in TRANSFORMS] not in ([], ["smoothquant"]):
+            _fail(path, "gptq with quant_dtype int8 follows the transforms and, optionally, smoothquant")
+        return
     if not names or names[-1] != "rtn" or names.count("rtn") != 1:
         _fail(path, "the steps must end with rtn (the quantizing step), once")
     rest = [n for n in names[:-1] if n not in TRANSFORMS]

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import lite_error
 from lite.cli.main import main
@@ -72,13 +73,14 @@ def test_bad_recipes_are_refused_before_any_work(tmp_path, capsys, text, expecte
 
 @pytest.mark.parametrize("name", ["w8a8-int8.yaml", "w8a8-int8-static.yaml", "w8a8-int8-vllm.yaml", "w8a8-fp8.yaml",
                                   "w8a8-int8-rotate-static.yaml", "w4a16-gptq.yaml", "w4a16-rtn.yaml",
-                                  "w4a16-awq.yaml", "w4a16-awq-gptq.yaml"])
+                                  "w4a16-awq.yaml", "w4a16-awq-gptq.yaml", "w8a8-int8-gptq.yaml"])
 def test_shipped_recipes_are_valid(name):
     from lite.recipe import load
 
     recipe = load(str(CONFIGS / name))
     assert recipe.steps[-1][0] in ("rtn", "gptq") and recipe.description
     assert recipe.weight_only == name.startswith("w4a16")
+    assert recipe.steps[-1][0] == "rtn" or name.endswith("gptq.yaml")
 
 
 def test_weight_only_recipe_matches_auto_gptq(tmp_path):
@@ -110,3 +112,30 @@ def test_weight_only_rtn_recipe_is_worse_than_gptq_on_the_calibration_loss(tmp_p
     error = {name: (logits(load_checkpoint(str(tmp_path / name / "quantized")), tokens) - reference).pow(2).mean()
              for name in ("rtn", "gptq")}
     assert error["gptq"] < 0.8 * error["rtn"], error
+
+
+def test_w8a8_with_gptq_rounding_beats_round_to_nearest_on_the_calibration_windows(tmp_path):
+    """[smoothquant, gptq{quant_dtype: int8}] writes the same lmdeploy layout as the default recipe, with
+    the int8 codes chosen by GPTQ: closer to the float model on the data it saw."""
+    from helpers import logits
+    from lite.data import calibration_tokens
+    from lite.formats import load_checkpoint
+    from lite.model import build_tiny, byte_tokenizer
+
+    main(["run", str(CONFIGS / "w8a8-int8-gptq.yaml"), "tiny:llama", "--work-dir", str(tmp_path / "gptq"), *CALIB])
+    main(["run", str(CONFIGS / "w8a8-int8.yaml"), "tiny:llama", "--work-dir", str(tmp_path / "rtn"), *CALIB])
+    gptq_state = {n: t for n, t in read_state(tmp_path / "gptq" / "quantized").items()}
+    rtn_state = {n: t for n, t in read_state(tmp_path / "rtn" / "quantized").items()}
+    assert sorted(gptq_state) == sorted(rtn_state)  # the same tensors: QLinear weight/scale, QRMSNorm weights
+    assert gptq_state["model.layers.0.mlp.down_proj.weight"].dtype == torch.int8
+    tokens = calibration_tokens(byte_tokenizer(), "sample", 4, 64, 0)
+    reference = logits(build_tiny("llama"), tokens)
+    error = {name: (logits(load_checkpoint(str(tmp_path / name / "quantized")), tokens) - reference).pow(2).mean()
+             for name in ("rtn", "gptq")}
+    assert error["gptq"] < 0.8 * error["rtn"], error
+
+
+def read_state(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))

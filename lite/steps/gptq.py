@@ -12,6 +12,7 @@ import torch
 from lite.errors import LiteError
 from lite.gptq import gptq_quantize
 from lite.observers import input_groups
+from lite.qmodules import QLinear, QRMSNorm
 from lite.smooth import fold_scales_
 from lite.steps.base import Block, Hook, Step
 from lite.weight_only import WeightScheme, scale_dtype_of, swap_quantized_
@@ -58,12 +59,26 @@ class Gptq(Step):
     """Settings: `bits`, `group_size` (-1: per channel), `symmetric`, `damp` (relative to the mean of
     diag H; raised tenfold while the factorization fails, and said so), `act_order` (with static
     groups), `block_size` (columns whose errors are spread at once), `mse` (search each group's
-    clipping range), `fmt` (the checkpoint format whose layout the WQLinears take)."""
+    clipping range), `fmt` (the checkpoint format whose layout the WQLinears take).
+
+    With `quant_dtype: int8` the step writes W8A8 instead: GPTQ-rounded int8 weights per output channel
+    (symmetric, `absmax / 127` as `rtn`'s) in QLinears with per-token activations, after `smoothquant`
+    in the same sweep (its scales are folded first, and the Hessians follow them); lmdeploy's layout
+    also turns the norms that feed the linears into QRMSNorms."""
 
     propagates_quantized = True
 
     def __init__(self, bits: int = 4, group_size: int = 128, symmetric: bool = True, damp: float = 0.01,
-                 act_order: bool = True, block_size: int = 128, mse: bool = False, fmt: str = "compressed-tensors"):
+                 act_order: bool = True, block_size: int = 128, mse: bool = False, fmt: str = "compressed-tensors",
+                 quant_dtype: str | None = None):
+        if quant_dtype is not None:
+            if quant_dtype != "int8":
+                raise LiteError(f"gptq quant_dtype must be int8 (W8A8 with GPTQ rounding), got {quant_dtype!r}")
+            if (bits, group_size, symmetric) not in ((4, 128, True), (8, -1, True)):  # the defaults, or said
+                raise LiteError("gptq with quant_dtype int8 writes 8-bit symmetric weights per output channel; "
+                                "leave out bits, group_size and symmetric")
+            bits, group_size, symmetric = 8, -1, True
+        self.qdtype = None if quant_dtype is None else torch.int8
         self.scheme = WeightScheme(bits, group_size, symmetric)
         if not (isinstance(damp, (int, float)) and 0 < damp < 1):
             raise LiteError(f"--damp must lie in (0, 1) (relative to the mean Hessian diagonal), got {damp!r}")
@@ -93,7 +108,8 @@ class Gptq(Step):
                 H = H / torch.outer(s, s)
             codes, scale, zero, damp = gptq_quantize(
                 W, H, self.scheme.bits, self.scheme.group_size, self.scheme.symmetric, self.damp,
-                self.act_order, self.block_size, self.mse, scale_dtype_of(self.fmt, W.dtype))
+                self.act_order, self.block_size, self.mse,
+                torch.float32 if self.qdtype is not None else scale_dtype_of(self.fmt, W.dtype))
             if damp != self.damp:
                 fqns = ", ".join(f"{block.prefix}.{name}" for name in group)
                 print(f"gptq: {fqns}: the Hessian needed damping {damp:g} (asked {self.damp:g}) to factorize")
@@ -101,7 +117,14 @@ class Gptq(Step):
             first = 0
             for name, linear in zip(group, linears):
                 rows = slice(first, first + linear.out_features)
-                swap_quantized_(module, name, codes[rows], scale[rows], None if zero is None else zero[rows],
-                                self.fmt, self.scheme)
+                if self.qdtype is not None:
+                    module.set_submodule(name, QLinear.from_codes(codes[rows], scale[rows], linear.bias))
+                else:
+                    swap_quantized_(module, name, codes[rows], scale[rows], None if zero is None else zero[rows],
+                                    self.fmt, self.scheme)
                 first = rows.stop
+        if self.qdtype is not None and self.fmt == "lmdeploy":  # per-token quantization fused into the norms
+            for pair in block.arch.norm_pairs:
+                norm = module.get_submodule(pair.norm)
+                module.set_submodule(pair.norm, QRMSNorm.from_norm(norm, block.arch.norm_offset, self.qdtype))
         self._observed = []
