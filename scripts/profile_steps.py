@@ -60,6 +60,7 @@ def main():
     args = p.parse_args()
 
     import lite.gptq as gptq
+    import lite.observers as observers
     import lite.quant as quant
     import lite.qmodules as qmodules
     import lite.steps.awq as awq
@@ -75,15 +76,13 @@ def main():
     timed(gptq, "columns_reference", "gptq:   column loop (PyTorch)")
     timed(qmodules.WQLinear, "from_codes", "pack into WQLinear")
     timed(gptq_step.Gptq, "apply_", "step gptq.apply_")
-    timed(gptq_step.Hessian, "update", "observer Hessian.update")
+    timed(observers.Hessian, "update", "observer Hessian.update (gptq, awq, rtn)")
     timed(awq.Awq, "apply_", "step awq.apply_")
     timed(awq.Awq, "_search", "awq:   _search")
     timed(awq, "_fake_quantize", "awq:     fake quantize (clip search)")
     timed(awq.Calls, "update_call", "observer Calls.update_call")
-    timed(awq.GroupHessian, "update", "awq:     GroupHessian.update")
     timed(rtn.Rtn, "apply_", "step rtn.apply_")
     timed(rtn, "quantize_rtn", "rtn:   quantize_rtn")
-    timed(rtn.GroupHessian, "result", "rtn:   GroupHessian.result")
     timed(quant, "mse_clip", "mse_clip (anywhere)")
 
     shutil.rmtree(args.root, ignore_errors=True)

@@ -20,10 +20,10 @@ import torch
 
 from lite.archs import kv_group_index
 from lite.errors import LiteError
+from lite.observers import Hessian
 from lite.quant import dequantize_weight, mse_clip, quantize_weight, weight_qparams
 from lite.smooth import MIN_SCALE, _reduce_over_group
 from lite.steps.base import Block, Hook, Step
-from lite.steps.rtn import GroupHessian
 from lite.weight_only import WeightScheme
 
 
@@ -130,7 +130,7 @@ class Awq(Step):
             candidates.append((r, s / (s.max() * s.min()).sqrt()))
         H = None
         if self.clip:  # the diagonal blocks of E[x xᵀ] of the consumers' input, on the searched tokens
-            H = GroupHessian(self.scheme.group_size)
+            H = Hessian(self.scheme.group_size)
             for args, kwargs, _ in calls.calls:
                 H.update(args[0] if args else kwargs["hidden_states"])
             H = H.result()

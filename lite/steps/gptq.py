@@ -11,48 +11,11 @@ import torch
 
 from lite.errors import LiteError
 from lite.gptq import gptq_quantize
-from lite.observers import input_groups
+from lite.observers import Hessian, input_groups
 from lite.qmodules import QLinear, QRMSNorm
 from lite.smooth import fold_scales_
 from lite.steps.base import Block, Hook, Step
 from lite.weight_only import WeightScheme, scale_dtype_of, swap_quantized_
-
-
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """xᵀx `(in, in)` in fp32 of x `(tokens, in)`. bf16/fp16 activations on a GPU go through the tensor
-    cores with fp32 accumulation: their products are exact in fp32, so this is the fp32 product of the
-    same values up to summation order, at about ten times the speed (0.1 TFLOP per Llama-3-8B down_proj
-    and batch)."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        try:
-            return torch.mm(x.T, x, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # a torch without mm's out_dtype
-            pass
-    x = x.float()
-    return x.T @ x
-
-
-class Hessian:
-    """H = Σ xᵀx over every token x `(in,)` a linear reads, in fp32 on the tensor's device."""
-
-    def __init__(self):
-        self.H, self.tokens = None, 0
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        if self.H is None:
-            self.H = torch.zeros((x.shape[1], x.shape[1]), dtype=torch.float32, device=x.device)
-        self.H += gram(x)
-        self.tokens += x.shape[0]
-
-    def merge(self, other: "Hessian") -> None:
-        """Combine with an observer of disjoint tokens: the sums add exactly."""
-        if other.H is not None:
-            self.H = other.H.clone() if self.H is None else self.H + other.H.to(self.H.device)
-            self.tokens += other.tokens
-
-    def result(self) -> torch.Tensor:
-        return self.H
 
 
 class Gptq(Step):
@@ -102,7 +65,7 @@ class Gptq(Step):
         for group, observer in self._observed:
             linears = [module.get_submodule(name) for name in group]
             W = torch.cat([linear.weight for linear in linears])  # (Σ out, in): rows are independent given H
-            H, s = observer.result(), block.scales.get(f"{block.prefix}.{group[0]}")
+            H, s = observer.result()[0], block.scales.get(f"{block.prefix}.{group[0]}")  # (in, in)
             if s is not None:
                 s = s.float().to(H.device)
                 H = H / torch.outer(s, s)

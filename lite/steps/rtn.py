@@ -19,7 +19,7 @@ from lite.archs import quantized_linears
 from lite.export import quantize_block_
 from lite.quant import quant_dtype_of
 from lite.smooth import fold_scales_
-from lite.observers import input_groups
+from lite.observers import Hessian, input_groups
 from lite.steps.base import Block, Hook, Step
 from lite.weight_only import WeightScheme, quantize_rtn, scale_dtype_of, swap_quantized_
 
@@ -36,7 +36,7 @@ class Rtn(Step):
         if self.scheme is None or not self.mse:
             return []
         groups = input_groups(block.arch, block.module)
-        self._hessians = [(group, GroupHessian(self.scheme.group_size)) for group in groups]
+        self._hessians = [(group, Hessian(self.scheme.group_size)) for group in groups]
         return [Hook(group[0], "input", observer) for group, observer in self._hessians]
 
     @torch.no_grad()
@@ -63,27 +63,3 @@ class Rtn(Step):
         else:
             compressed_tensors.quantize_block_(block.module, block.prefix, block.arch, block.config, self.qdtype,
                                                block.scales, block.input_scales)
-
-
-class GroupHessian:
-    """The diagonal blocks of E[x xᵀ] over the tokens a linear reads, one `(g, g)` block per group of
-    `group_size` input channels (-1: the whole matrix): `result()` is `(groups, g, g)` fp32."""
-
-    def __init__(self, group_size: int):
-        self.group_size, self.sum, self.tokens = group_size, None, 0
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
-        g = x.shape[1] if self.group_size == -1 else self.group_size
-        xg = x.reshape(x.shape[0], -1, g)  # (tokens, groups, g)
-        total = torch.einsum("tgi,tgj->gij", xg, xg)
-        self.sum = total if self.sum is None else self.sum + total
-        self.tokens += x.shape[0]
-
-    def merge(self, other: "GroupHessian") -> None:
-        if other.sum is not None:
-            self.sum = other.sum.clone() if self.sum is None else self.sum + other.sum.to(self.sum.device)
-            self.tokens += other.tokens
-
-    def result(self) -> torch.Tensor:
-        return self.sum / self.tokens
