@@ -230,17 +230,21 @@ def eval(*models: str, dataset: str = "wikitext2", seqlen: int = 512, max_window
 def run(recipe: str, model: str, work_dir: str = None, out_dir: str = None, calib_dataset: str = None,
         calib_samples: int = None, calib_seqlen: int = None, seed: int = None, batch_size: int | str = 4,
         max_shard_size: str = "5GB", device: str = None, dtype: str = "auto", trust_remote_code: bool = False):
-    """Run a step recipe: model-preparation transforms, SmoothQuant, static scales and round-to-nearest,
-    in the order the recipe lists them, then write its format. The model is loaded in memory.
+    """Run a step recipe: model-preparation transforms, SmoothQuant, static scales, round-to-nearest,
+    GPTQ and AWQ, in the order the recipe lists them, then write its format. W8A8 recipes load the
+    model in memory; weight-only ones stream it like `lite auto_gptq` (unless they have transforms).
 
     A recipe is YAML with `data` (calib_dataset, calib_samples, calib_seqlen, seed), `steps` (names
-    from the step registry, each optionally with settings) and `format` (lmdeploy or
-    compressed-tensors); see configs/recipes/*.yaml and README, "Recipes". Steps: fuse_norms (fold each
+    from the step registry, each optionally with settings) and `format` (lmdeploy, compressed-tensors,
+    awq or gptq); see configs/recipes/*.yaml and README, "Recipes". Steps: fuse_norms (fold each
     norm's weight into the linears it feeds), rotate (turn the residual stream by a randomized
     Hadamard matrix; after fuse_norms; setting seed), center_embeddings (refused on RMSNorm models
     unless force: true), smoothquant (alpha, w_stat), static_scales (act_observer, act_percentile;
-    compressed-tensors only), rtn (quant_dtype, export_migration_scale; last). Unknown keys are
-    refused before any work.
+    compressed-tensors only), rtn (quant_dtype, export_migration_scale; or weight-only with bits,
+    group_size, symmetric, mse; last), gptq (bits, group_size, symmetric, damp, act_order, block_size,
+    mse; or quant_dtype int8 after smoothquant: W8A8 with GPTQ rounding; last), awq (bits, group_size,
+    symmetric, n_grid, max_tokens, clip; before a weight-only rtn or gptq). Weight-only formats:
+    compressed-tensors, awq, gptq. Unknown keys are refused before any work.
 
     Args:
         recipe: the recipe file, e.g. configs/recipes/w8a8-int8-rotate-static.yaml.
@@ -344,7 +348,7 @@ def auto_awq(model: str, work_dir: str = None, recipe: str = None, w_bits: int =
         w_bits: bits per weight, 2 to 8 (--format awq stores 4 only).
         w_group_size: input columns sharing one scale and zero point, e.g. 128; -1: one per output channel
             (not with --format awq). Must divide every linear's in_features.
-        w_sym: false (default): a zero point per group, as AutoAWQ; true: symmetric codes.
+        w_sym: false: a zero point per group, as AutoAWQ; true: symmetric codes.
         n_grid: ratios tried per pair: 0, 1/n, ..., (n-1)/n (and no scaling at all).
         mse_clip: choose each group's clipping range by the error it adds to the linear's output on the
             calibration data (51 ratios from 0.5 to 1 of the full range; 6 from 0.75 while searching the scales)
@@ -384,7 +388,7 @@ commands:
     smooth_quant   all three in one command, reusing what WORK_DIR holds
     auto_gptq      weight-only int4 (or 2-8 bits) with GPTQ -> WORK_DIR/quantized
     auto_awq       weight-only int4 with AWQ's activation-aware scales -> WORK_DIR/quantized
-    run            a step recipe (configs/recipes/*.yaml): transforms, SmoothQuant, static scales, round to nearest
+    run            a step recipe (configs/recipes/*.yaml): transforms, SmoothQuant, static scales, RTN, GPTQ, AWQ
     eval           perplexity of float models and checkpoints side by side
 
 Errors print one `lite: error:` line; set LITE_DEBUG=1 (or pass --debug) for the traceback."""
