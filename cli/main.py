@@ -268,7 +268,8 @@ def run(recipe: str, model: str, work_dir: str = None, out_dir: str = None, cali
 
 
 def auto_gptq(model: str, work_dir: str = None, recipe: str = None, w_bits: int = 4, w_group_size: int = 128,
-              w_sym: bool = True, act_order: bool = True, damp: float = 0.01, mse_clip: bool = True,
+              w_sym: bool = True, w_channel_fallback: bool = False, act_order: bool = True, damp: float = 0.01,
+              mse_clip: bool = True,
               format: str = "compressed-tensors", calib_dataset: str = CALIB.calib_dataset,
               calib_samples: int = CALIB.calib_samples, calib_seqlen: int = CALIB.calib_seqlen, seed: int = CALIB.seed,
               batch_size: int | str = "auto", max_shard_size: str = "5GB", out_dir: str = None, device: str = None,
@@ -294,6 +295,8 @@ def auto_gptq(model: str, work_dir: str = None, recipe: str = None, w_bits: int 
             Must divide every linear's in_features.
         w_sym: true: symmetric codes, no zero points (what vLLM's Marlin kernels and lmdeploy take);
             false: a zero point per group (more accurate; vLLM falls back to a slower kernel for GPTQ).
+        w_channel_fallback: linears whose in_features --w-group-size does not divide get one scale per
+            output channel instead of being refused (compressed-tensors only: two config groups).
         act_order: quantize columns in order of decreasing activation energy (diag of the Hessian), with
             each group's scale fixed before the columns move ("static groups"), so the group map stays
             trivial and every engine loads it.
@@ -319,13 +322,15 @@ def auto_gptq(model: str, work_dir: str = None, recipe: str = None, w_bits: int 
         max_gpu_memory: device memory the streamed run plans for, e.g. 8GiB (see `lite smooth_quant --help`).
     """
     calib = CalibSettings(calib_dataset, calib_samples, calib_seqlen, seed)
-    gptq = dict(bits=w_bits, group_size=w_group_size, symmetric=w_sym, damp=damp, act_order=act_order, mse=mse_clip)
+    gptq = dict(bits=w_bits, group_size=w_group_size, symmetric=w_sym, channel_fallback=w_channel_fallback, damp=damp,
+                act_order=act_order, mse=mse_clip)
     pipeline.quantize_weights(model, work_dir, [("gptq", gptq)], format, calib, out_dir, max_shard_size, batch_size,
                               device, dtype, trust_remote_code, max_gpu_memory)
 
 
 def auto_awq(model: str, work_dir: str = None, recipe: str = None, w_bits: int = 4, w_group_size: int = 128,
-             w_sym: bool = False, n_grid: int = 20, mse_clip: bool = True, format: str = "awq",
+             w_sym: bool = False, w_channel_fallback: bool = False, n_grid: int = 20, mse_clip: bool = True,
+             format: str = "awq",
              calib_dataset: str = CALIB.calib_dataset, calib_samples: int = CALIB.calib_samples,
              calib_seqlen: int = CALIB.calib_seqlen, seed: int = CALIB.seed, batch_size: int | str = "auto",
              max_shard_size: str = "5GB", out_dir: str = None, device: str = None, dtype: str = "auto",
@@ -349,6 +354,8 @@ def auto_awq(model: str, work_dir: str = None, recipe: str = None, w_bits: int =
         w_group_size: input columns sharing one scale and zero point, e.g. 128; -1: one per output channel
             (not with --format awq). Must divide every linear's in_features.
         w_sym: false: a zero point per group, as AutoAWQ; true: symmetric codes.
+        w_channel_fallback: linears whose in_features --w-group-size does not divide get one scale per
+            output channel instead of being refused (compressed-tensors only: two config groups).
         n_grid: ratios tried per pair: 0, 1/n, ..., (n-1)/n (and no scaling at all).
         mse_clip: choose each group's clipping range by the error it adds to the linear's output on the
             calibration data (51 ratios from 0.5 to 1 of the full range; 6 from 0.75 while searching the scales)
@@ -370,7 +377,7 @@ def auto_awq(model: str, work_dir: str = None, recipe: str = None, w_bits: int =
         max_gpu_memory: device memory the streamed run plans for, e.g. 8GiB (see `lite smooth_quant --help`).
     """
     calib = CalibSettings(calib_dataset, calib_samples, calib_seqlen, seed)
-    scheme = dict(bits=w_bits, group_size=w_group_size, symmetric=w_sym)
+    scheme = dict(bits=w_bits, group_size=w_group_size, symmetric=w_sym, channel_fallback=w_channel_fallback)
     steps = [("awq", {**scheme, "n_grid": n_grid, "clip": mse_clip}), ("rtn", {**scheme, "mse": mse_clip})]
     pipeline.quantize_weights(model, work_dir, steps,
                               format, calib, out_dir, max_shard_size, batch_size, device, dtype, trust_remote_code,

@@ -506,7 +506,7 @@ def quantize_weights(model, work_dir, steps: list, fmt: str, calib, out_dir=None
     (name, settings) = steps[-1]
     transforms = [(n, s) for n, s in steps[:-1] if n in TRANSFORMS]
     scheme = weight_only.WeightScheme(settings.get("bits", 4), settings.get("group_size", 128),
-                                      settings.get("symmetric", True))
+                                      settings.get("symmetric", True), settings.get("channel_fallback", False))
     weight_only.check_weight_format(fmt, scheme)
     # Steps of the sweep (refusing bad settings now): awq's search, if any, then the quantizing step.
     sweep_steps = [create(n, **s) for n, s in steps[:-1] if n not in TRANSFORMS] + [create(name, **settings, fmt=fmt)]

@@ -30,9 +30,11 @@ DATA_KEYS = ("calib_dataset", "calib_samples", "calib_seqlen", "seed")
 TRANSFORMS = ("fuse_norms", "rotate", "center_embeddings")
 STEP_SETTINGS = {"fuse_norms": (), "rotate": ("seed",), "center_embeddings": ("force",),
                  "smoothquant": ("alpha", "w_stat"), "static_scales": ("act_observer", "act_percentile"),
-                 "rtn": ("quant_dtype", "export_migration_scale", "bits", "group_size", "symmetric", "mse"),
-                 "gptq": ("bits", "group_size", "symmetric", "damp", "act_order", "block_size", "mse", "quant_dtype"),
-                 "awq": ("bits", "group_size", "symmetric", "n_grid", "max_tokens", "clip")}
+                 "rtn": ("quant_dtype", "export_migration_scale", "bits", "group_size", "symmetric", "mse",
+                         "channel_fallback"),
+                 "gptq": ("bits", "group_size", "symmetric", "damp", "act_order", "block_size", "mse", "quant_dtype",
+                          "channel_fallback"),
+                 "awq": ("bits", "group_size", "symmetric", "n_grid", "max_tokens", "clip", "channel_fallback")}
 WEIGHT_ONLY_FORMATS = ("compressed-tensors", "awq", "gptq")
 
 

@@ -35,12 +35,22 @@ class WeightScheme:
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
+    # Linears whose in_features `group_size` does not divide get one scale per output channel instead
+    # (otherwise such a model is refused).
+    channel_fallback: bool = False
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise LiteError(f"--w-bits must be an integer from 2 to 8, got {self.bits!r}")
         if not isinstance(self.group_size, int) or not (self.group_size == -1 or self.group_size > 0):
             raise LiteError(f"--w-group-size must be a positive integer or -1 (per channel), got {self.group_size!r}")
+
+    def for_linear(self, in_features: int) -> "WeightScheme":
+        """The scheme one linear gets: per channel where the group size does not divide its inputs and
+        `channel_fallback` allows it (the shapes were checked before any work)."""
+        if self.group_size == -1 or in_features % self.group_size == 0 or not self.channel_fallback:
+            return self
+        return WeightScheme(self.bits, -1, self.symmetric)
 
     def record(self) -> dict:
         return asdict(self)
@@ -68,6 +78,9 @@ def check_weight_format(fmt: str, scheme: WeightScheme) -> None:
     if fmt not in WEIGHT_FORMATS:
         raise LiteError(f"--format {fmt!r} is not a weight-only format; use one of: {', '.join(WEIGHT_FORMATS)}")
     bits, g = scheme.bits, scheme.group_size
+    if scheme.channel_fallback and fmt != "compressed-tensors":
+        raise LiteError(f"--w-channel-fallback mixes group sizes in one checkpoint, which only --format "
+                        f"compressed-tensors stores (--format {fmt} has one group size)")
     if fmt == "awq":
         if bits != 4:
             raise LiteError(f"--format awq (AutoAWQ GEMM) stores 4-bit weights only, got --w-bits {bits}; "
@@ -99,9 +112,10 @@ def check_weight_shapes(fmt: str, scheme: WeightScheme, model: nn.Module) -> Non
         for name in quantized_linears(arch, block):
             linear = block.get_submodule(name)
             fqn, (out_features, in_features) = f"{prefix}.{name}", linear.weight.shape
-            if g != -1 and in_features % g:
+            if g != -1 and in_features % g and not scheme.channel_fallback:
                 raise LiteError(f"{fqn} has {in_features} inputs, not a multiple of --w-group-size {g}; pass a "
-                                f"group size that divides it, or -1 (per channel)")
+                                f"group size that divides it, -1 (per channel), or --w-channel-fallback (per "
+                                "channel for such linears only)")
             if fmt in ("awq", "gptq") and out_features % 8:
                 raise LiteError(f"--format {fmt} packs 8 outputs per word, but {fqn} has {out_features} outputs; "
                                 "use --format compressed-tensors")
@@ -110,15 +124,26 @@ def check_weight_shapes(fmt: str, scheme: WeightScheme, model: nn.Module) -> Non
                                 "inputs; use --format compressed-tensors")
 
 
-def quantization_config(fmt: str, scheme: WeightScheme, ignore: list[str], observer: str = "minmax") -> dict:
-    """`config.json`'s `quantization_config` for `fmt` (keys as FORMATS.md lists them)."""
+def quantization_config(fmt: str, scheme: WeightScheme, ignore: list[str], observer: str = "minmax",
+                        split: tuple[list[str], list[str]] | None = None) -> dict:
+    """`config.json`'s `quantization_config` for `fmt` (keys as FORMATS.md lists them). `split`: (grouped,
+    per-channel) linear names when `channel_fallback` left some per channel; compressed-tensors then gets
+    two config groups, each naming its linears exactly (readers match exact module names)."""
     if fmt == "compressed-tensors":
-        from lite.compressed_tensors import QUANT_METHOD, quant_args, quantization_config as ct_config
+        from lite.compressed_tensors import quant_args, quantization_config as ct_config
 
-        weights = {**quant_args(torch.int8, "channel" if scheme.group_size == -1 else "group", False, observer,
-                                scheme.symmetric, None if scheme.group_size == -1 else scheme.group_size),
-                   "num_bits": scheme.bits}
-        return ct_config(weights, None, ignore, "pack-quantized")
+        def weights(s: WeightScheme) -> dict:
+            return {**quant_args(torch.int8, "channel" if s.group_size == -1 else "group", False, observer,
+                                 s.symmetric, None if s.group_size == -1 else s.group_size), "num_bits": s.bits}
+
+        qc = ct_config(weights(scheme), None, ignore, "pack-quantized")
+        if split is not None and split[1]:
+            group = qc["config_groups"]["group_0"]
+            qc["config_groups"] = {
+                "group_0": {**group, "targets": list(split[0])},
+                "group_1": {**group, "targets": list(split[1]),
+                            "weights": weights(WeightScheme(scheme.bits, -1, scheme.symmetric))}}
+        return qc
     if fmt == "awq":
         return {"quant_method": "awq", "version": "gemm", "bits": scheme.bits, "group_size": scheme.group_size,
                 "zero_point": True, "modules_to_not_convert": ignore or None}
@@ -136,8 +161,9 @@ def swap_skeleton_(model: nn.Module, fmt: str, scheme: WeightScheme, dtype: torc
     for block in decoder_blocks(model, arch).values():
         for name in quantized_linears(arch, block):
             linear = block.get_submodule(name)
+            own = scheme.for_linear(linear.in_features)
             block.set_submodule(name, WQLinear(linear.in_features, linear.out_features, linear.bias is not None,
-                                               scheme.bits, scheme.group_size, scheme.symmetric, layout,
+                                               own.bits, own.group_size, own.symmetric, layout,
                                                scale_dtype_of(fmt, dtype), device=device))
     return model
 
@@ -149,7 +175,10 @@ def streaming_writer(folder: str, model: nn.Module, fmt: str, scheme: WeightSche
     from lite import export
 
     qmodel = swap_skeleton_(copy.deepcopy(model).to("meta"), fmt, scheme, dtype)
-    config = quantization_config(fmt, scheme, float_linears(qmodel), observer)
+    quantized = [(name, m) for name, m in qmodel.named_modules() if isinstance(m, WQLinear)]
+    split = ([n for n, m in quantized if m.group_size == scheme.group_size],
+             [n for n, m in quantized if m.group_size != scheme.group_size])
+    config = quantization_config(fmt, scheme, float_linears(qmodel), observer, split)
     return export.CheckpointWriter(folder, qmodel, config, max_shard_size, dtype, tokenizer, source_folder, marker)
 
 
@@ -157,12 +186,16 @@ def scheme_of(qc: dict) -> tuple[str, WeightScheme] | None:
     """(`--format`, scheme) of a weight-only `quantization_config`; None when it is not one lite reads."""
     method = qc.get("quant_method")
     if method == "compressed-tensors" and qc.get("format") == "pack-quantized":
-        groups = qc.get("config_groups") or {}
-        if len(groups) != 1:
-            return None
-        w = next(iter(groups.values())).get("weights") or {}
-        return "compressed-tensors", WeightScheme(w.get("num_bits"), w.get("group_size") or -1,
-                                                  bool(w.get("symmetric", True)))
+        groups = list((qc.get("config_groups") or {}).values())
+        w = (groups[0] if groups else {}).get("weights") or {}
+        scheme = WeightScheme(w.get("num_bits"), w.get("group_size") or -1, bool(w.get("symmetric", True)))
+        if len(groups) == 1:
+            return "compressed-tensors", scheme
+        # lite's second group: the same scheme per channel, for the linears the group size does not divide
+        second = groups[1].get("weights") or {}
+        if len(groups) == 2 and second.get("strategy") == "channel" and second.get("num_bits") == scheme.bits:
+            return "compressed-tensors", WeightScheme(scheme.bits, scheme.group_size, scheme.symmetric, True)
+        return None
     if method == "awq":
         return "awq", WeightScheme(qc.get("bits"), qc.get("group_size"), False)
     if method == "gptq":
@@ -188,13 +221,14 @@ def load_weight_only(folder: str) -> nn.Module:
     ignore = set(qc.get("ignore") or qc.get("modules_to_not_convert") or [])
     if method == "awq":
         # AWQ always stores zero points; symmetric AWQ is the special case zero = 2^(b-1).
-        scheme = WeightScheme(scheme.bits, scheme.group_size, False)
+        scheme = WeightScheme(scheme.bits, scheme.group_size, False, scheme.channel_fallback)
     for name in float_linears(model):
         if name in ignore or name == arch_for(model.config).lm_head:
             continue
         linear = model.get_submodule(name)
+        own = scheme.for_linear(linear.in_features)
         model.set_submodule(name, WQLinear(linear.in_features, linear.out_features, linear.bias is not None,
-                                           scheme.bits, scheme.group_size, scheme.symmetric, layout,
+                                           own.bits, own.group_size, own.symmetric, layout,
                                            scale_dtype_of(fmt, dtype)))
     return load_checkpoint_state_(model, read_state_dict(folder), qc, folder)
 
@@ -205,7 +239,7 @@ def describe(qc: dict) -> str:
     if found is None:
         return str(qc.get("quant_method"))
     fmt, s = found
-    group = "channel" if s.group_size == -1 else f"g{s.group_size}"
+    group = "channel" if s.group_size == -1 else f"g{s.group_size}" + ("/channel" if s.channel_fallback else "")
     return f"w{s.bits} {group} {'sym' if s.symmetric else 'asym'} ({fmt})"
 
 
@@ -217,6 +251,7 @@ def quantize_rtn(w: torch.Tensor, scheme: WeightScheme, mse: bool, scale_dtype: 
     is rounded to `scale_dtype` before the codes are computed with it."""
     from lite.quant import mse_clip, quantize_weight, weight_qparams
 
+    scheme = scheme.for_linear(w.shape[1])
     if mse:
         scale, zero = mse_clip(w, scheme.bits, scheme.group_size, scheme.symmetric, hessian=hessian)
     else:
@@ -228,5 +263,6 @@ def quantize_rtn(w: torch.Tensor, scheme: WeightScheme, mse: bool, scale_dtype: 
 def swap_quantized_(block: nn.Module, name: str, codes, scale, zero, fmt: str, scheme: WeightScheme) -> None:
     """Replace the linear `name` of `block` by the WQLinear of `fmt` holding (codes, scale, zero)."""
     linear = block.get_submodule(name)
+    scheme = scheme.for_linear(linear.in_features)
     block.set_submodule(name, WQLinear.from_codes(codes, scale, zero, linear.bias, scheme.bits, scheme.group_size,
                                                   layout_of(fmt, scheme), scale_dtype_of(fmt, linear.weight.dtype)))

@@ -20,6 +20,16 @@ lite auto_gptq "$M" --work-dir "$W/work-gptq-sym" --out-dir "$W/gptq-sym" --w-gr
 lite auto_awq "$M" --work-dir "$W/work-awq-asym" --out-dir "$W/awq-asym" --w-group-size -1 --format compressed-tensors $C > /dev/null
 recipe awq-gptq-asym "  - awq: {bits: 4, group_size: -1, symmetric: false}
   - gptq: {bits: 4, group_size: -1, symmetric: false, mse: true}"
+# Groups of 32 where they divide (the 64-input linears), per channel for down_proj (172 inputs).
+G="--w-group-size 32 --w-channel-fallback"
+recipe rtn-g32-asym "  - rtn: {bits: 4, group_size: 32, symmetric: false, channel_fallback: true}"
+lite auto_gptq "$M" --work-dir "$W/work-gptq-g32-asym" --out-dir "$W/gptq-g32-asym" $G --w-sym false $C > /dev/null
+lite auto_gptq "$M" --work-dir "$W/work-gptq-g32-sym" --out-dir "$W/gptq-g32-sym" $G $C > /dev/null
+lite auto_awq "$M" --work-dir "$W/work-awq-g32-asym" --out-dir "$W/awq-g32-asym" $G --format compressed-tensors $C > /dev/null
+for d in tinystories-valid.txt wikitext-2-raw-test.txt; do
+  lite eval "$M" "$W"/rtn-g32-asym "$W"/gptq-g32-asym "$W"/gptq-g32-sym "$W"/awq-g32-asym --dataset "$T/$d" \
+    --max-windows 48 --device cpu --json-out "$W/g32-$d.json" 2>/dev/null | grep -v "^Loading"
+done
 for d in tinystories-valid.txt wikitext-2-raw-test.txt; do
   lite eval "$M" "$W"/rtn-asym "$W"/rtn-sym "$W"/rtn-clip-asym "$W"/rtn-clip-sym "$W"/gptq-asym "$W"/gptq-sym \
     "$W"/awq-asym "$W"/awq-gptq-asym --dataset "$T/$d" --max-windows 48 --device cpu --json-out "$W/$d.json" 2>/dev/null \

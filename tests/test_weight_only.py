@@ -266,3 +266,32 @@ def test_asymmetric_packing_is_what_compressed_tensors_itself_writes(folders):
         QuantizationScheme(targets=["Linear"], weights=args))
     assert torch.equal(theirs["weight_packed"], module.weight_packed)
     assert torch.equal(theirs["weight_zero_point"], module.weight_zero_point)
+
+
+def test_channel_fallback_writes_two_config_groups_that_transformers_reads(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    folder = str(tmp_path / "model")
+    build_tiny("llama", intermediate_size=100).save_pretrained(folder)  # down_proj: 100 inputs, not a multiple of 32
+    byte_tokenizer().save_pretrained(folder)
+    main(["auto_gptq", folder, "--work-dir", str(tmp_path / "w"), "--w-group-size", "32", "--w-channel-fallback",
+          "--calib-dataset", "sample", "--calib-samples", "4", "--calib-seqlen", "64", "--device", "cpu"])
+    out = str(tmp_path / "w" / "quantized")
+    with open(os.path.join(out, "config.json")) as f:
+        groups = json.load(f)["quantization_config"]["config_groups"]
+    assert groups["group_1"]["targets"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert groups["group_1"]["weights"]["strategy"] == "channel" and groups["group_0"]["weights"]["group_size"] == 32
+    assert len(groups["group_0"]["targets"]) == 12
+    state = read_state(out)
+    assert state["model.layers.0.mlp.down_proj.weight_scale"].shape == (64, 1)
+    assert state["model.layers.0.mlp.up_proj.weight_scale"].shape == (100, 2)
+    tokens = random_tokens(seed=13)
+    theirs = logits(AutoModelForCausalLM.from_pretrained(out).eval(), tokens)
+    assert relative_difference(logits(load_checkpoint(out), tokens), theirs) < 1e-4
+
+
+def test_channel_fallback_needs_compressed_tensors(tmp_path, capsys):
+    line = lite_error(capsys, "auto_awq", "tiny:llama", "--work-dir", tmp_path / "w", "--w-channel-fallback",
+                      "--device", "cpu")
+    assert "--w-channel-fallback" in line and "--format compressed-tensors" in line

@@ -71,8 +71,8 @@ class Awq(Step):
     the full range, as the paper)."""
 
     def __init__(self, bits: int = 4, group_size: int = 128, symmetric: bool = False, n_grid: int = 20,
-                 max_tokens: int = 65536, clip: bool = True):
-        self.scheme = WeightScheme(bits, group_size, symmetric)
+                 max_tokens: int = 65536, clip: bool = True, channel_fallback: bool = False):
+        self.scheme = WeightScheme(bits, group_size, symmetric, channel_fallback)
         if not (isinstance(n_grid, int) and n_grid > 0):
             raise LiteError(f"awq n_grid must be a positive integer, got {n_grid!r}")
         if not (isinstance(max_tokens, int) and max_tokens > 0):
@@ -115,7 +115,8 @@ class Awq(Step):
         linears = [block.module.get_submodule(name) for name in consumers]
         originals = [linear.weight.detach().clone() for linear in linears]
         W = torch.cat(originals).float()  # (Σ out, in)
-        g = W.shape[1] if self.scheme.group_size == -1 else self.scheme.group_size
+        scheme = self.scheme.for_linear(W.shape[1])
+        g = W.shape[1] if scheme.group_size == -1 else scheme.group_size
         w_abs = W.abs().reshape(-1, g)  # (Σ out · groups, g)
         w_mean = (w_abs / w_abs.amax(dim=1, keepdim=True).clamp(min=MIN_SCALE)).reshape(W.shape).mean(dim=0)  # (in,)
         x_mean = calls.mean_abs()  # (in,)
@@ -130,7 +131,7 @@ class Awq(Step):
             candidates.append((r, s / (s.max() * s.min()).sqrt()))
         H = None
         if self.clip:  # the diagonal blocks of E[x xᵀ] of the consumers' input, on the searched tokens
-            H = Hessian(self.scheme.group_size)
+            H = Hessian(scheme.group_size)
             for args, kwargs, _ in calls.calls:
                 H.update(args[0] if args else kwargs["hidden_states"])
             H = H.result()
@@ -140,7 +141,7 @@ class Awq(Step):
             sg = s_in.reshape(-1, g)  # (groups, g)
             Hs = None if H is None else H / (sg[:, :, None] * sg[:, None, :])  # of the scaled input x / s
             for linear, w in zip(linears, originals):
-                linear.weight.copy_((_fake_quantize(w.float() * s_in, self.scheme, Hs) / s_in).to(w.dtype))
+                linear.weight.copy_((_fake_quantize(w.float() * s_in, scheme, Hs) / s_in).to(w.dtype))
             loss = 0.0
             for args, kwargs, target in calls.calls:
                 out = module(*args, **kwargs)

@@ -33,7 +33,7 @@ class Gptq(Step):
 
     def __init__(self, bits: int = 4, group_size: int = 128, symmetric: bool = True, damp: float = 0.01,
                  act_order: bool = True, block_size: int = 128, mse: bool = False, fmt: str = "compressed-tensors",
-                 quant_dtype: str | None = None):
+                 quant_dtype: str | None = None, channel_fallback: bool = False):
         if quant_dtype is not None:
             if quant_dtype != "int8":
                 raise LiteError(f"gptq quant_dtype must be int8 (W8A8 with GPTQ rounding), got {quant_dtype!r}")
@@ -42,7 +42,7 @@ class Gptq(Step):
                                 "leave out bits, group_size and symmetric")
             bits, group_size, symmetric = 8, -1, True
         self.qdtype = None if quant_dtype is None else torch.int8
-        self.scheme = WeightScheme(bits, group_size, symmetric)
+        self.scheme = WeightScheme(bits, group_size, symmetric, channel_fallback)
         if not (isinstance(damp, (int, float)) and 0 < damp < 1):
             raise LiteError(f"--damp must lie in (0, 1) (relative to the mean Hessian diagonal), got {damp!r}")
         if not (isinstance(block_size, int) and block_size > 0):
@@ -69,8 +69,9 @@ class Gptq(Step):
             if s is not None:
                 s = s.float().to(H.device)
                 H = H / torch.outer(s, s)
+            scheme = self.scheme.for_linear(W.shape[1])
             codes, scale, zero, damp = gptq_quantize(
-                W, H, self.scheme.bits, self.scheme.group_size, self.scheme.symmetric, self.damp,
+                W, H, scheme.bits, scheme.group_size, scheme.symmetric, self.damp,
                 self.act_order, self.block_size, self.mse,
                 torch.float32 if self.qdtype is not None else scale_dtype_of(self.fmt, W.dtype))
             if damp != self.damp:

@@ -26,9 +26,10 @@ from lite.weight_only import WeightScheme, quantize_rtn, scale_dtype_of, swap_qu
 
 class Rtn(Step):
     def __init__(self, quant_dtype: str = "int8", export_migration_scale: bool = False, fmt: str = "lmdeploy",
-                 bits: int | None = None, group_size: int = 128, symmetric: bool = True, mse: bool = False):
+                 bits: int | None = None, group_size: int = 128, symmetric: bool = True, mse: bool = False,
+                 channel_fallback: bool = False):
         self.qdtype, self.export_migration_scale, self.fmt = quant_dtype_of(quant_dtype), export_migration_scale, fmt
-        self.scheme = None if bits is None else WeightScheme(bits, group_size, symmetric)
+        self.scheme = None if bits is None else WeightScheme(bits, group_size, symmetric, channel_fallback)
         self.mse = bool(mse)
         self._hessians = []
 
@@ -36,7 +37,8 @@ class Rtn(Step):
         if self.scheme is None or not self.mse:
             return []
         groups = input_groups(block.arch, block.module)
-        self._hessians = [(group, Hessian(self.scheme.group_size)) for group in groups]
+        self._hessians = [(group, Hessian(self.scheme.for_linear(block.module.get_submodule(group[0]).in_features)
+                                          .group_size)) for group in groups]
         return [Hook(group[0], "input", observer) for group, observer in self._hessians]
 
     @torch.no_grad()
