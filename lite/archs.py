@@ -103,8 +103,7 @@ ARCHS: dict[str, Arch] = {
     "phi3": _PHI3,
     "gemma": _GEMMA,
     # Llama-shaped blocks (issue 11): smoothing folds exactly, streamed == loaded, on a tiny model of each.
-    # Not yet: types with sliding-window layers (ministral, granite_swa, cwm: calibration would use full
-    # attention), exaone (other module names) and doge (a dt_proj in attention).
+    # Not yet: exaone (other module names) and doge (a dt_proj in attention).
     "internlm3": _LLAMA,
     "iquestcoder": _LLAMA,
     "ministral3": _LLAMA,
@@ -115,6 +114,10 @@ ARCHS: dict[str, Arch] = {
     "hunyuan_v1_dense": _LLAMA,
     "ernie4_5": _LLAMA,
     "hyperclovax": _LLAMA,
+    # With sliding-window layers: each block is calibrated with its own layer's mask (`capture_block_inputs`).
+    "ministral": _LLAMA,
+    "granite_swa": _LLAMA,
+    "cwm": _LLAMA,
 }
 
 

@@ -64,27 +64,41 @@ class RunningStats:
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once block 0's inputs are recorded."""
+    """Raised by the last block's recorder once every block's arguments are recorded."""
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, arch: Arch, tokens: torch.Tensor, batch_size: int, device):
-    """Hidden states and keyword arguments that block 0 receives, one entry per batch.
+    """(hidden, kwargs): the hidden states block 0 receives, one entry per batch, and the keyword
+    arguments every block receives, `kwargs[batch][block]`: blocks of different attention types get
+    different masks (full or sliding-window, as `config.layer_types` says), which the model's own
+    forward builds.
 
-    Everything outside the blocks (embeddings, rotary tables) must already be on `device`.
+    For the capture each block's `forward` is replaced by a recorder that keeps its arguments and
+    hands the hidden states on unchanged, so no block computes (a streamed skeleton's blocks hold no
+    weights); the last one stops the forward. Everything outside the blocks (embeddings, rotary tables)
+    must already be on `device`.
     """
-    first = model.get_submodule(arch.blocks)[0]
+    layers = list(model.get_submodule(arch.blocks))
     hidden, kwargs = [], []
 
-    def hook(module, args, kw):
-        kw = dict(kw)
-        hidden.append(args[0] if args else kw.pop("hidden_states"))
-        kw.update(cache=None, use_cache=False)
-        kw.pop("past_key_values", None)
-        kwargs.append(kw)
-        raise _StopForward
+    def recorder(i: int):
+        def forward(*args, **kw):
+            kw = dict(kw)
+            h = args[0] if args else kw.pop("hidden_states")
+            kw.update(cache=None, use_cache=False)
+            kw.pop("past_key_values", None)
+            if i == 0:
+                hidden.append(h)
+                kwargs.append([])
+            kwargs[-1].append(kw)
+            if i == len(layers) - 1:
+                raise _StopForward
+            return h
+        return forward
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)  # an instance attribute: the class's forward is back once it is deleted
     try:
         for batch in tokens.split(batch_size):
             try:
@@ -92,15 +106,18 @@ def capture_block_inputs(model: nn.Module, arch: Arch, tokens: torch.Tensor, bat
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for layer in layers:
+            del layer.forward
+    assert all(len(kw) == len(layers) for kw in kwargs), \
+        f"the model's forward called {[len(kw) for kw in kwargs]} of its {len(layers)} blocks"
     return hidden, kwargs
 
 
-def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    """The block's output for every cached batch."""
+def run_block(block: nn.Module, index: int, hidden: list[torch.Tensor], kwargs: list[list[dict]]) -> list[torch.Tensor]:
+    """Block number `index`'s output for every cached batch (`kwargs` as `capture_block_inputs` gives them)."""
     outs = []
     for h, kw in zip(hidden, kwargs):
-        out = block(h, **kw)
+        out = block(h, **kw[index])
         outs.append(out[0] if isinstance(out, tuple) else out)
     return outs
 

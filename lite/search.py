@@ -52,13 +52,13 @@ def quantized_block(block: nn.Module, prefix: str, arch: Arch, config, scales: d
     return candidate
 
 
-def final_hidden(model: nn.Module, arch: Arch, blocks: list[nn.Module], hidden: list[torch.Tensor],
-                 kwargs: list[dict]) -> list[torch.Tensor]:
+def final_hidden(model: nn.Module, arch: Arch, blocks: list[nn.Module], first: int, hidden: list[torch.Tensor],
+                 kwargs: list[list[dict]]) -> list[torch.Tensor]:
     """The final norm's output at every position but the last, `(tokens, hidden)` per batch, after running
-    the hidden states entering `blocks` through them."""
+    the hidden states entering `blocks` (numbers `first`, `first + 1`, ...) through them."""
     norm = model.get_submodule(arch.final_norm)
-    for block in blocks:
-        hidden = run_block(block, hidden, kwargs)
+    for index, block in enumerate(blocks, first):
+        hidden = run_block(block, index, hidden, kwargs)
     return [norm(h[:, :-1]).reshape(-1, h.shape[-1]) for h in hidden]
 
 
@@ -104,7 +104,7 @@ def search_alphas(model: nn.Module, arch: Arch, act_absmax: dict[str, torch.Tens
     act_absmax = {fqn: a.to(device) for fqn, a in act_absmax.items()}
     try:
         hidden, kwargs = capture_block_inputs(model, arch, tokens, batch_size, device)
-        reference = final_hidden(model, arch, modules, hidden, kwargs)  # the float model's
+        reference = final_hidden(model, arch, modules, 0, hidden, kwargs)  # the float model's
         reference_logp = reference_logprobs(model, arch, reference)
         bar = tqdm(total=len(prefixes) * len(grid), desc="alpha search", unit="candidate", disable=not progress)
         for i, (prefix, block) in enumerate(zip(prefixes, modules)):
@@ -112,9 +112,9 @@ def search_alphas(model: nn.Module, arch: Arch, act_absmax: dict[str, torch.Tens
             for alpha in grid:
                 s = migration_scales({prefix: block}, arch, model.config, act_absmax, alpha, w_stat)
                 candidate = quantized_block(block, prefix, arch, model.config, s, qdtype)
-                out = run_block(candidate, hidden, kwargs)
-                loss = kl_from_float(model, arch, reference, final_hidden(model, arch, modules[i + 1:], out, kwargs),
-                                     reference_logp)
+                out = run_block(candidate, i, hidden, kwargs)
+                loss = kl_from_float(model, arch, reference,
+                                     final_hidden(model, arch, modules[i + 1:], i + 1, out, kwargs), reference_logp)
                 if best is None or loss < best[0]:
                     best = (loss, alpha, s, out)
                 bar.update()

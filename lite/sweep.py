@@ -200,10 +200,11 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
     # then compensate for the errors of earlier ones); that costs a second forward per block.
     propagate_quantized = any(getattr(step, "propagates_quantized", False) for step in steps)
 
-    def forward(module: torch.nn.Module, keep: bool) -> None:
-        """Run the cached inputs through `module`; with `keep`, its outputs replace them."""
+    def forward(module: torch.nn.Module, index: int, keep: bool) -> None:
+        """Run the cached inputs through `module`, block number `index` (whose own mask and position
+        arguments it gets); with `keep`, its outputs replace them."""
         for j, (h, kw) in enumerate(zip(hidden, kwargs)):
-            out = module(h.to(device, non_blocking=True), **kw)
+            out = module(h.to(device, non_blocking=True), **kw[index])
             out = out[0] if isinstance(out, tuple) else out
             if not keep:
                 continue
@@ -274,13 +275,13 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
             if hooks:
                 assert tokens is not None, "a step observes activations, but the sweep was given no tokens"
                 with removing(_attach(module, hooks)):
-                    forward(module, keep=not propagate_quantized)
+                    forward(module, i, keep=not propagate_quantized)
                 timer.lap("forward")
             for step in steps:
                 step.apply_(block)
             timer.lap("smooth_quantize")
             if hooks and propagate_quantized:
-                forward(module, keep=True)  # the next block sees this block's quantized outputs
+                forward(module, i, keep=True)  # the next block sees this block's quantized outputs
                 timer.lap("forward_quantized")
             if sink is not None:
                 outputs, ready = to_host(module.state_dict(prefix=prefix + "."))

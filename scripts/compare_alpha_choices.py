@@ -78,16 +78,16 @@ def greedy(job: Job, objective: str) -> dict[str, float]:
     head, norm = job.model.get_submodule(job.arch.lm_head), job.model.get_submodule(job.arch.final_norm)
     reference = [F.log_softmax(l.float(), -1) for l in job.model(input_ids=job.tokens, use_cache=False).logits.split(4)]
     for i, prefix in enumerate(job.blocks):
-        float_out = run_block(modules[i], float_hidden, kwargs)
+        float_out = run_block(modules[i], i, float_hidden, kwargs)
         best = None
         for alpha in ALPHA_GRID:
-            out = run_block(job.block_at(prefix, alpha), hidden, kwargs)
+            out = run_block(job.block_at(prefix, alpha), i, hidden, kwargs)
             if objective == "mse":
                 loss = sum(((q - f) ** 2).sum().item() for q, f in zip(out, float_out))
             else:
                 tail = out
-                for block in modules[i + 1:]:
-                    tail = run_block(block, tail, kwargs)
+                for index, block in enumerate(modules[i + 1:], i + 1):
+                    tail = run_block(block, index, tail, kwargs)
                 loss = sum(F.kl_div(F.log_softmax(head(norm(h)).float(), -1), r, log_target=True, reduction="sum").item()
                            for h, r in zip(tail, reference))
             if best is None or loss < best[0]:

@@ -94,3 +94,43 @@ def test_registry_creates_by_name_and_refuses_what_is_not_a_step():
         assert isinstance(create("mine"), Mine)
     finally:
         STEPS.pop("mine", None)
+
+
+@pytest.mark.parametrize("model_type, overrides", [
+    ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    ("granite_swa", dict(sliding_window=4)),
+    ("cwm", dict(sliding_window=4)),
+])
+def test_every_block_gets_the_attention_mask_of_its_own_layer_type(model_type, overrides):
+    """A model mixing full and sliding-window layers (issue 11): each block is calibrated with the mask the
+    model's own forward gives it, so statistics equal those of hooks on the whole model's forward."""
+    from helpers import random_tokens
+    from lite.steps.stats import collect_statistics
+
+    model = build_tiny(model_type, **overrides)
+    assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    tokens = random_tokens(2, 32)
+    arch = arch_of(model)
+    reference, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
+            def hook(m, args, out, name=name):
+                reference[name] = args[0].reshape(-1, args[0].shape[-1]).abs().amax(dim=0)
+            handles.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model(input_ids=tokens, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    inputs, _ = collect_statistics(model, arch, tokens, batch_size=2, device="cpu", progress=False)
+    assert set(reference) <= set(inputs["absmax"])
+    for fqn, expected in reference.items():
+        assert torch.allclose(inputs["absmax"][fqn], expected, rtol=1e-5, atol=1e-6), fqn
+    # The control: the sliding layer's o_proj input differs from what full attention would give it.
+    full = build_tiny(model_type, **{**overrides, "sliding_window": 4096})
+    with torch.no_grad():
+        seen = {}
+        handle = full.model.layers[1].self_attn.o_proj.register_forward_hook(
+            lambda m, a, o: seen.update(x=a[0].reshape(-1, a[0].shape[-1]).abs().amax(dim=0)))
+        full(input_ids=tokens, use_cache=False)
+        handle.remove()
+    assert not torch.allclose(seen["x"], reference["model.layers.1.self_attn.o_proj"], rtol=1e-3)
