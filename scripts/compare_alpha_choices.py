@@ -31,7 +31,7 @@ from lite.data import calibration_tokens
 from lite.eval import eval_windows, perplexity
 from lite.model import decoder_blocks, load_model
 from lite.quant import quant_dtype_of
-from lite.search import ALPHA_GRID, next_token_loss, quantized_block, search_alphas
+from lite.search import ALPHA_GRID, quantized_block, search_alphas
 from lite.smooth import migration_scales
 
 
@@ -107,9 +107,8 @@ def coordinate(job: Job, passes: int = 2, start: float = 0.5):
             best = None
             for alpha in ALPHA_GRID:
                 model = job.quantized({**alphas, prefix: alpha})
-                hidden, kwargs = capture_block_inputs(model, job.arch, job.tokens, 4, "cpu")
-                blocks = list(decoder_blocks(model, job.arch).values())
-                loss = next_token_loss(model, job.arch, blocks, hidden, kwargs, batches)
+                loss = sum(F.cross_entropy(model(input_ids=b, use_cache=False).logits[:, :-1].flatten(0, 1).float(),
+                                           b[:, 1:].flatten(), reduction="sum").item() for b in batches)
                 if best is None or loss < best[0]:
                     best = (loss, alpha)
             alphas[prefix] = best[1]
