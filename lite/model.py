@@ -23,8 +23,14 @@ TINY_PREFIX = "tiny:"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
+# Types with sliding-window attention get a window shorter than the tests' windows, so that their
+# sliding layers really differ from full attention in every test (issue 11).
+TINY_SLIDING_WINDOW = 16
+
+
 def tiny_config(model_type: str, **overrides):
-    """A small config of `model_type` with grouped-query attention (8 query heads, 4 KV heads)."""
+    """A small config of `model_type` with grouped-query attention (8 query heads, 4 KV heads); a type with
+    sliding-window layers gets a window of `TINY_SLIDING_WINDOW` tokens (qwen2: on its second layer)."""
     from transformers import AutoConfig
 
     if model_type not in ARCHS:
@@ -35,7 +41,9 @@ def tiny_config(model_type: str, **overrides):
         bos_token_id=256, eos_token_id=257, pad_token_id=None, tie_word_embeddings=True,
     )
     if model_type == "qwen2":
-        settings["use_sliding_window"] = False
+        settings.update(use_sliding_window=True, max_window_layers=1)
+    if getattr(AutoConfig.for_model(model_type), "sliding_window", None) is not None or model_type == "qwen2":
+        settings["sliding_window"] = TINY_SLIDING_WINDOW
     settings.update(overrides)
     return AutoConfig.for_model(model_type, **settings)
 
