@@ -116,9 +116,10 @@ def check_weight_shapes(fmt: str, scheme: WeightScheme, model: nn.Module) -> Non
                 raise LiteError(f"{fqn} has {in_features} inputs, not a multiple of --w-group-size {g}; pass a "
                                 f"group size that divides it, -1 (per channel), or --w-channel-fallback (per "
                                 "channel for such linears only)")
-            if fmt in ("awq", "gptq") and out_features % 8:
-                raise LiteError(f"--format {fmt} packs 8 outputs per word, but {fqn} has {out_features} outputs; "
-                                "use --format compressed-tensors")
+            per_word = 8 if fmt == "awq" else 32 // bits  # AWQ packs 4-bit codes; GPTQ's zero points `bits` each
+            if fmt in ("awq", "gptq") and out_features % per_word:
+                raise LiteError(f"--format {fmt} packs {per_word} outputs per word, but {fqn} has {out_features} "
+                                "outputs; use --format compressed-tensors")
             if fmt == "gptq" and in_features * bits % 32:
                 raise LiteError(f"--format gptq packs {32 // bits} inputs per word, but {fqn} has {in_features} "
                                 "inputs; use --format compressed-tensors")
