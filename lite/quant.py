@@ -133,13 +133,12 @@ MSE_CLIPS = torch.linspace(0.5, 1.0, 51)  # the clip ratios c that `mse_clip` tr
 
 
 def mse_clip(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool = True,
-             clips: torch.Tensor = MSE_CLIPS, importance: torch.Tensor | None = None,
-             hessian: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             clips: torch.Tensor = MSE_CLIPS, hessian: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`weight_qparams` with each group's clip ratio c (from `clips`) chosen to minimize that group's
     error, never worse than c = 1 when 1 is among `clips`. The error of a group's weight error d `(g,)`:
 
     - plain: Σ d²;
-    - `importance` `(in,)` (e.g. the mean x² of each input): Σ importance · d²;
     - `hessian` `(groups, g, g)`, the diagonal blocks of E[x xᵀ]: dᵀ H_gg d, the mean squared error the
       group adds to the linear's output over the calibration tokens (per channel: exactly its output error).
 
@@ -148,7 +147,7 @@ def mse_clip(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool =
     """
     from lite.kernels import clip_search, clip_search_supported
 
-    if importance is None and clip_search_supported(w, group_size):
+    if clip_search_supported(w, group_size):
         return clip_search(w, bits, group_size, symmetric, clips, hessian)
     x = _grouped(w.float(), group_size)  # (out, groups, g)
     low, high = int_range(bits, symmetric)
@@ -156,7 +155,6 @@ def mse_clip(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool =
         absmax = x.abs().amax(dim=-1)  # (out, groups)
     else:
         lo0, hi0 = x.amin(dim=-1).clamp(max=0), x.amax(dim=-1).clamp(min=0)
-    weight = None if importance is None else _grouped(importance.float()[None, :], group_size)  # (1, groups, g)
     d = torch.empty_like(x)
     best_err, best_scale, best_zero = None, None, None
     for c in clips.tolist():
@@ -178,8 +176,6 @@ def mse_clip(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool =
         if hessian is not None:
             dg = d.transpose(0, 1)  # (groups, out, g)
             err = (torch.bmm(dg, hessian) * dg).sum(dim=-1).T  # (out, groups): dᵀ H_gg d
-        elif weight is not None:
-            err = (d.square_() * weight).sum(dim=-1)
         else:
             err = d.square_().sum(dim=-1)
         if best_err is None:
