@@ -303,8 +303,7 @@ def auto_gptq(model: str, work_dir: str = None, recipe: str = None, w_bits: int 
         damp: added to the Hessian diagonal, relative to its mean (0.01); raised tenfold, with a message,
             while the Hessian does not factorize.
         mse_clip: choose each group's clipping range (51 ratios from 0.5 to 1 of its full range) by the
-            least squared weight error, each input column weighted by its activation energy (default);
-            false: the full range.
+            error it adds to the linear's output on the calibration data (default); false: the full range.
         format: compressed-tensors (pack-quantized; vLLM, SGLang, transformers; default), gptq (GPTQModel,
             vLLM, lmdeploy; gptq_v2 when asymmetric) or awq (4 bits, groups; lmdeploy TurboMind, vLLM).
             Each refuses, before any work, what its engines cannot load.
