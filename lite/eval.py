@@ -72,7 +72,8 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, device: str = 
 
 def load_for_eval(source: str):
     """(model, tokenizer) for a float model or a checkpoint lite wrote (lmdeploy or compressed-tensors)."""
-    from lite.formats import READERS, load_checkpoint, quant_method_of
+    from lite.export import quant_method_of
+    from lite.formats import READERS, load_checkpoint
     from lite.model import load_model
 
     if quant_method_of(source) in READERS:

@@ -223,6 +223,15 @@ def read_state_dict(folder: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def quant_method_of(folder: str) -> str | None:
+    """`quantization_config.quant_method` of a model folder, or None for a float model or a hub id."""
+    path = os.path.join(str(folder), "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return (json.load(f).get("quantization_config") or {}).get("quant_method")
+
+
 def float_model_of_checkpoint(folder: str, quant_method: str) -> tuple[nn.Module, dict, torch.dtype]:
     """(float model built from the folder's config, its quantization_config, the model dtype), after
     checking that the folder is a `quant_method` checkpoint. The caller swaps in quantized modules."""

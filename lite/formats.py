@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from lite import compressed_tensors, export, weight_only
+from lite.export import quant_method_of
 from lite.errors import LiteError
 from lite.folders import replace_folder
 from lite.observers import ActSettings
@@ -51,15 +52,6 @@ def quantize_and_write(loaded, fmt: str, quant_dtype: str, scales: dict | None, 
         compressed_tensors.quantize_model_(loaded.model, quant_dtype, scales, act, tokens, batch_size, device)
         compressed_tensors.write_checkpoint(loaded.model, loaded.tokenizer, loaded.folder, out_dir, max_shard_size,
                                             marker=marker)
-
-
-def quant_method_of(folder: str) -> str | None:
-    """`quantization_config.quant_method` of a model folder, or None for a float model or a hub id."""
-    path = os.path.join(str(folder), "config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return (json.load(f).get("quantization_config") or {}).get("quant_method")
 
 
 def load_checkpoint(folder: str) -> nn.Module:

@@ -19,8 +19,8 @@ same input (q/k/v, gate/up) are solved together as one stacked weight.
 import torch
 
 from lite.errors import LiteError
-from lite.kernels import gptq_columns, triton_available
-from lite.quant import int_range, mse_clip, weight_qparams
+from lite.kernels import gptq_columns, mse_clip, triton_available
+from lite.quant import int_range, weight_qparams
 
 DAMP_RETRIES = 4
 

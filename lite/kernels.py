@@ -189,3 +189,14 @@ def clip_search(x: torch.Tensor, bits: int, group_size: int, symmetric: bool, cl
                        x.stride(0), scale.stride(0), float(low), float(high), SYM=symmetric,
                        HESS=hessian is not None, G=group_size, R=R, num_warps=8)
     return scale, None if symmetric else zero.to(torch.int32)
+
+
+def mse_clip(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool = True, clips: torch.Tensor | None = None,
+             hessian: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`lite.quant.mse_clip`, through `clip_search` where it applies (a CUDA weight, groups of 16 to 128)."""
+    from lite import quant
+
+    clips = quant.MSE_CLIPS if clips is None else clips
+    if clip_search_supported(w, group_size):
+        return clip_search(w, bits, group_size, symmetric, clips, hessian)
+    return quant.mse_clip(w, bits, group_size, symmetric, clips, hessian)

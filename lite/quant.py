@@ -143,12 +143,9 @@ def mse_clip(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool =
       group adds to the linear's output over the calibration tokens (per channel: exactly its output error).
 
     Each candidate's grid is computed as `weight_qparams(w, ..., clip=c)` computes it, from the group
-    ranges found once; the quantize-dequantize error goes through one reused buffer.
+    ranges found once; the quantize-dequantize error goes through one reused buffer. (`lite.kernels.mse_clip`
+    runs the same search as one Triton kernel where it can.)
     """
-    from lite.kernels import clip_search, clip_search_supported
-
-    if clip_search_supported(w, group_size):
-        return clip_search(w, bits, group_size, symmetric, clips, hessian)
     x = _grouped(w.float(), group_size)  # (out, groups, g)
     low, high = int_range(bits, symmetric)
     if symmetric:

@@ -208,8 +208,7 @@ def scheme_of(qc: dict) -> tuple[str, WeightScheme] | None:
 
 def load_weight_only(folder: str) -> nn.Module:
     """Read a weight-only folder (any of the three formats) into a model of WQLinears."""
-    from lite.export import float_model_of_checkpoint, load_checkpoint_state_, read_state_dict
-    from lite.formats import quant_method_of
+    from lite.export import float_model_of_checkpoint, load_checkpoint_state_, quant_method_of, read_state_dict
 
     method = quant_method_of(folder)
     model, qc, dtype = float_model_of_checkpoint(folder, method)
@@ -250,7 +249,8 @@ def quantize_rtn(w: torch.Tensor, scheme: WeightScheme, mse: bool, scale_dtype: 
     """Round-to-nearest (codes, scale, zero) of a weight `(out, in)`; `mse` searches each group's clipping
     range (by the output error its inputs' `hessian` blocks `(groups, g, g)` give, when given). The scale
     is rounded to `scale_dtype` before the codes are computed with it."""
-    from lite.quant import mse_clip, quantize_weight, weight_qparams
+    from lite.kernels import mse_clip
+    from lite.quant import quantize_weight, weight_qparams
 
     scheme = scheme.for_linear(w.shape[1])
     if mse:

@@ -61,7 +61,7 @@ def main():
 
     import lite.gptq as gptq
     import lite.observers as observers
-    import lite.quant as quant
+    import lite.kernels as kernels
     import lite.qmodules as qmodules
     import lite.steps.awq as awq
     import lite.steps.gptq as gptq_step
@@ -83,7 +83,7 @@ def main():
     timed(awq.Calls, "update_call", "observer Calls.update_call")
     timed(rtn.Rtn, "apply_", "step rtn.apply_")
     timed(rtn, "quantize_rtn", "rtn:   quantize_rtn")
-    timed(quant, "mse_clip", "mse_clip (anywhere)")
+    timed(kernels, "clip_search", "clip search kernel (anywhere)")
 
     shutil.rmtree(args.root, ignore_errors=True)
     model, work = os.path.join(args.root, "model"), os.path.join(args.root, "work")

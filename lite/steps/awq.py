@@ -21,7 +21,8 @@ import torch
 from lite.archs import kv_group_index
 from lite.errors import LiteError
 from lite.observers import Hessian
-from lite.quant import dequantize_weight, mse_clip, quantize_weight, weight_qparams
+from lite.kernels import mse_clip
+from lite.quant import dequantize_weight, quantize_weight, weight_qparams
 from lite.smooth import MIN_SCALE, _reduce_over_group
 from lite.steps.base import Block, Hook, Step
 from lite.weight_only import WeightScheme
