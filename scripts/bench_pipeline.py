@@ -162,17 +162,23 @@ def run_child(argv) -> tuple[float, float, str]:
     return wall, int(hwm[-1]) / 2**20, output
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shape_arguments(p: argparse.ArgumentParser, layers: int = 32) -> None:
+    """The checkpoint's shape (Llama-3-8B by default) and the calibration tokens, for this script and
+    scripts/profile_steps.py."""
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--intermediate", type=int, default=14336)
-    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--layers", type=int, default=layers)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--device", default="cuda")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_arguments(p)
     p.add_argument("--batch-size", default="auto")
     p.add_argument("--max-gpu-memory", default="8GiB")
     p.add_argument("--command", default="smooth_quant", choices=["smooth_quant", "auto_gptq", "auto_awq"],

@@ -43,19 +43,11 @@ def timed(owner, name: str, label: str) -> None:
 
 
 def main():
-    from bench_pipeline import make_checkpoint
+    from bench_pipeline import add_shape_arguments, make_checkpoint
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--command", default="auto_gptq", choices=["auto_gptq", "auto_awq"])
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--intermediate", type=int, default=14336)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=128256)
-    p.add_argument("--samples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--device", default="cuda")
+    add_shape_arguments(p, layers=2)
     p.add_argument("--root", default="/tmp/lite-profile")
     args = p.parse_args()
 
