@@ -22,9 +22,10 @@ from lite.recipes import expand_recipe
 CALIB, SMOOTH, ACT = CalibSettings(), SmoothSettings(), ActSettings()
 
 
-def given_calib(calib_dataset, calib_samples, calib_seqlen, seed) -> dict:
+def given_calib(calib_dataset, calib_samples, calib_seqlen, seed, moe_calibrate_all_experts=None) -> dict:
     """The calibration flags given (None where not): checked now, completed from the work dir's record later."""
-    given = dict(calib_dataset=calib_dataset, calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed)
+    given = dict(calib_dataset=calib_dataset, calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed,
+                 moe_calibrate_all_experts=moe_calibrate_all_experts)
     CalibSettings(**{k: v for k, v in given.items() if v is not None})  # refuses bad values before any work
     return given
 
@@ -32,7 +33,7 @@ def given_calib(calib_dataset, calib_samples, calib_seqlen, seed) -> dict:
 def calibrate(model: str, work_dir: str = None, recipe: str = None, calib_dataset: str = CALIB.calib_dataset,
               calib_samples: int = CALIB.calib_samples, calib_seqlen: int = CALIB.calib_seqlen,
               batch_size: int | str = 4, seed: int = CALIB.seed, device: str = None, dtype: str = "auto",
-              trust_remote_code: bool = False):
+              trust_remote_code: bool = False, moe_calibrate_all_experts: bool = CALIB.moe_calibrate_all_experts):
     """Collect per-channel activation statistics, one decoder block at a time (for a local safetensors
     folder, each block's weights are read from the shards when its turn comes, never the whole model).
 
@@ -55,15 +56,20 @@ def calibrate(model: str, work_dir: str = None, recipe: str = None, calib_datase
         device: where each block runs: cuda (default when available) or cpu.
         dtype: auto (the checkpoint's), float32, float16 or bfloat16.
         trust_remote_code: allow model code from the hub (only for models you trust).
+        moe_calibrate_all_experts: Mixture-of-Experts models: every expert's statistics see every
+            calibration token, while each block's output keeps the model's own routing (default true).
+            With false, an expert sees only the tokens routed to it, and one that gets none is left
+            unsmoothed, with a warning naming it.
     """
-    calib = CalibSettings(calib_dataset, calib_samples, calib_seqlen, seed)
+    calib = CalibSettings(calib_dataset, calib_samples, calib_seqlen, seed, moe_calibrate_all_experts)
     pipeline.calibrate(model, work_dir, calib, batch_size, device, dtype, trust_remote_code)
 
 
 def smooth(model: str, work_dir: str = None, recipe: str = None, alpha: float | str = SMOOTH.alpha,
            w_stat: str = SMOOTH.w_stat, quant_dtype: str = SMOOTH.quant_dtype, calib_dataset: str = None,
            calib_samples: int = None, calib_seqlen: int = None, batch_size: int | str = 4, seed: int = None,
-           device: str = None, dtype: str = "auto", trust_remote_code: bool = False):
+           device: str = None, dtype: str = "auto", trust_remote_code: bool = False,
+           moe_calibrate_all_experts: bool = None):
     """Compute SmoothQuant migration scales s = max|X|^alpha / w^(1-alpha) for every smoothing pair.
 
     Reads WORK_DIR/inputs_stats.pth (calibrating first when it is missing or was made with other
@@ -95,8 +101,9 @@ def smooth(model: str, work_dir: str = None, recipe: str = None, alpha: float | 
         device: cuda (default when available) or cpu.
         dtype: auto, float32, float16 or bfloat16.
         trust_remote_code: allow model code from the hub.
+        moe_calibrate_all_experts: see `lite calibrate --help` (default: as recorded, else true).
     """
-    calib = given_calib(calib_dataset, calib_samples, calib_seqlen, seed)
+    calib = given_calib(calib_dataset, calib_samples, calib_seqlen, seed, moe_calibrate_all_experts)
     pipeline.smooth(model, work_dir, calib, SmoothSettings(alpha, w_stat, quant_dtype), batch_size, device, dtype,
                     trust_remote_code)
 
@@ -155,7 +162,8 @@ def smooth_quant(model: str, work_dir: str = None, recipe: str = None, quant_dty
                  batch_size: int | str = "auto", seed: int = None, max_shard_size: str = "5GB", out_dir: str = None,
                  device: str = None, dtype: str = "auto", trust_remote_code: bool = False, format: str = "lmdeploy",
                  act_scheme: str = ACT.act_scheme, act_observer: str = ACT.act_observer,
-                 act_percentile: float = ACT.act_percentile, no_smooth: bool = False, max_gpu_memory: str = "8GiB"):
+                 act_percentile: float = ACT.act_percentile, no_smooth: bool = False, max_gpu_memory: str = "8GiB",
+                 moe_calibrate_all_experts: bool = None):
     """Calibrate, smooth and export in one command, reusing artifacts in WORK_DIR made with the same settings.
 
     For a local folder of safetensors (or a hub id, downloaded first) with no statistics or scales in
@@ -197,8 +205,9 @@ def smooth_quant(model: str, work_dir: str = None, recipe: str = None, quant_dty
         act_percentile: the percentile of |x| for --act-observer percentile, e.g. 99.99.
         no_smooth: skip SmoothQuant altogether (no statistics, no migration scales); --alpha 0 is not
             the same: at alpha 0, s = 1 / w still rescales every channel by its weight statistic.
+        moe_calibrate_all_experts: see `lite calibrate --help` (default: as recorded, else true).
     """
-    calib = given_calib(calib_dataset, calib_samples, calib_seqlen, seed)
+    calib = given_calib(calib_dataset, calib_samples, calib_seqlen, seed, moe_calibrate_all_experts)
     pipeline.smooth_quant(model, work_dir, calib, SmoothSettings(alpha, w_stat, quant_dtype), quant_dtype,
                           export_migration_scale, max_shard_size, out_dir, batch_size, device, dtype,
                           trust_remote_code, format, ActSettings(act_scheme, act_observer, act_percentile),
@@ -229,7 +238,8 @@ def eval(*models: str, dataset: str = "wikitext2", seqlen: int = 512, max_window
 
 def run(recipe: str, model: str, work_dir: str = None, out_dir: str = None, calib_dataset: str = None,
         calib_samples: int = None, calib_seqlen: int = None, seed: int = None, batch_size: int | str = 4,
-        max_shard_size: str = "5GB", device: str = None, dtype: str = "auto", trust_remote_code: bool = False):
+        max_shard_size: str = "5GB", device: str = None, dtype: str = "auto", trust_remote_code: bool = False,
+        moe_calibrate_all_experts: bool = None):
     """Run a step recipe: model-preparation transforms, SmoothQuant, static scales, round-to-nearest,
     GPTQ and AWQ, in the order the recipe lists them, then write its format. W8A8 recipes load the
     model in memory; weight-only ones stream it like `lite auto_gptq` (unless they have transforms).
@@ -260,9 +270,9 @@ def run(recipe: str, model: str, work_dir: str = None, out_dir: str = None, cali
         device: cuda (default when available) or cpu.
         dtype: auto, float32, float16 or bfloat16 (transforms are exact in float32).
         trust_remote_code: allow model code from the hub.
+        moe_calibrate_all_experts: overrides the recipe's data; see `lite calibrate --help`.
     """
-    given = dict(calib_dataset=calib_dataset, calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed)
-    CalibSettings(**{k: v for k, v in given.items() if v is not None})  # refuses bad values before any work
+    given = given_calib(calib_dataset, calib_samples, calib_seqlen, seed, moe_calibrate_all_experts)
     pipeline.run_recipe(recipe, model, work_dir, given, out_dir, max_shard_size, batch_size, device, dtype,
                         trust_remote_code)
 
@@ -273,7 +283,8 @@ def auto_gptq(model: str, work_dir: str = None, recipe: str = None, w_bits: int 
               format: str = "compressed-tensors", calib_dataset: str = CALIB.calib_dataset,
               calib_samples: int = CALIB.calib_samples, calib_seqlen: int = CALIB.calib_seqlen, seed: int = CALIB.seed,
               batch_size: int | str = "auto", max_shard_size: str = "5GB", out_dir: str = None, device: str = None,
-              dtype: str = "auto", trust_remote_code: bool = False, max_gpu_memory: str = "8GiB"):
+              dtype: str = "auto", trust_remote_code: bool = False, max_gpu_memory: str = "8GiB",
+              moe_calibrate_all_experts: bool = CALIB.moe_calibrate_all_experts):
     """Weight-only quantization with GPTQ (Frantar et al. 2022): each linear's weights rounded to
     --w-bits integers one input column at a time, each column's rounding error spread over the columns
     not yet rounded so that the linear's outputs on the calibration data move as little as possible.
@@ -319,8 +330,9 @@ def auto_gptq(model: str, work_dir: str = None, recipe: str = None, w_bits: int 
         dtype: auto, float32, float16 or bfloat16.
         trust_remote_code: allow model code from the hub.
         max_gpu_memory: device memory the streamed run plans for, e.g. 8GiB (see `lite smooth_quant --help`).
+        moe_calibrate_all_experts: see `lite calibrate --help`.
     """
-    calib = CalibSettings(calib_dataset, calib_samples, calib_seqlen, seed)
+    calib = CalibSettings(calib_dataset, calib_samples, calib_seqlen, seed, moe_calibrate_all_experts)
     gptq = dict(bits=w_bits, group_size=w_group_size, symmetric=w_sym, channel_fallback=w_channel_fallback, damp=damp,
                 act_order=act_order, mse=mse_clip)
     pipeline.quantize_weights(model, work_dir, [("gptq", gptq)], format, calib, out_dir, max_shard_size, batch_size,
@@ -333,7 +345,8 @@ def auto_awq(model: str, work_dir: str = None, recipe: str = None, w_bits: int =
              calib_dataset: str = CALIB.calib_dataset, calib_samples: int = CALIB.calib_samples,
              calib_seqlen: int = CALIB.calib_seqlen, seed: int = CALIB.seed, batch_size: int | str = "auto",
              max_shard_size: str = "5GB", out_dir: str = None, device: str = None, dtype: str = "auto",
-             trust_remote_code: bool = False, max_gpu_memory: str = "8GiB"):
+             trust_remote_code: bool = False, max_gpu_memory: str = "8GiB",
+             moe_calibrate_all_experts: bool = CALIB.moe_calibrate_all_experts):
     """Weight-only quantization with AWQ (Lin et al. 2023): before rounding, each smoothing pair of a
     block (norm -> q/k/v, v -> o, norm -> gate/up, up -> down) is rescaled so that the input channels
     carrying large activations lose less to rounding; the float model is unchanged by the rescaling.
@@ -374,8 +387,9 @@ def auto_awq(model: str, work_dir: str = None, recipe: str = None, w_bits: int =
         dtype: auto, float32, float16 or bfloat16.
         trust_remote_code: allow model code from the hub.
         max_gpu_memory: device memory the streamed run plans for, e.g. 8GiB (see `lite smooth_quant --help`).
+        moe_calibrate_all_experts: see `lite calibrate --help`.
     """
-    calib = CalibSettings(calib_dataset, calib_samples, calib_seqlen, seed)
+    calib = CalibSettings(calib_dataset, calib_samples, calib_seqlen, seed, moe_calibrate_all_experts)
     scheme = dict(bits=w_bits, group_size=w_group_size, symmetric=w_sym, channel_fallback=w_channel_fallback)
     steps = [("awq", {**scheme, "n_grid": n_grid, "clip": mse_clip}), ("rtn", {**scheme, "mse": mse_clip})]
     pipeline.quantize_weights(model, work_dir, steps,

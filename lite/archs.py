@@ -5,7 +5,7 @@ whose blocks look like an existing one, add its `model_type` to `ARCHS`; for a n
 new `Arch` record. Nothing here inspects class names.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from lite.errors import LiteError
@@ -69,6 +69,23 @@ class Arch:
     keep_float: tuple[str, ...] = ()
     # Linears whose output is added to the residual stream (rotations turn their rows).
     residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    # Mixture-of-Experts: the experts module of a block (`lite.moe.Experts` once unfused). Names holding
+    # `{e}` stand for every expert; `arch_for` writes them out for the config's number of experts.
+    experts: str | None = None
+
+    def for_experts(self, n: int) -> "Arch":
+        """This record with every `{e}` name written out for experts 0 .. n-1."""
+        def names(items):
+            return tuple(x.format(e=e) for x in items for e in (range(n) if "{e}" in x else (0,)))
+
+        def linear_pairs():
+            for p in self.linear_pairs:
+                for e in range(n) if "{e}" in p.producer + p.consumer else (0,):
+                    yield replace(p, producer=p.producer.format(e=e), consumer=p.consumer.format(e=e))
+
+        return replace(self, norm_pairs=tuple(replace(p, linears=names(p.linears)) for p in self.norm_pairs),
+                       linear_pairs=tuple(linear_pairs()), keep_float=names(self.keep_float),
+                       residual_writers=names(self.residual_writers))
 
 
 _LLAMA = Arch(
@@ -95,6 +112,35 @@ _PHI3 = Arch(
 
 _GEMMA = Arch(norm_pairs=_LLAMA.norm_pairs, linear_pairs=_LLAMA.linear_pairs, norm_offset=1.0)
 
+# MoE (issue 11): the router (`mlp.gate`, a weight without a Linear around it) reads the norm like the
+# experts do: it receives the factor on its input columns and stays float. It comes last in the pair,
+# so that the pair's statistics are an expert's.
+_EXPERT = "mlp.experts.{e}."
+_QWEN3_MOE = Arch(
+    norm_pairs=(
+        _LLAMA.norm_pairs[0],
+        NormPair("post_attention_layernorm", (_EXPERT + "gate_proj", _EXPERT + "up_proj", "mlp.gate")),
+    ),
+    linear_pairs=(_LLAMA.linear_pairs[0], LinearPair(_EXPERT + "up_proj", _EXPERT + "down_proj")),
+    keep_float=("mlp.gate",),
+    residual_writers=("self_attn.o_proj", _EXPERT + "down_proj"),
+    experts="mlp.experts",
+)
+
+# Qwen2-MoE adds a shared expert, always on, scaled by sigmoid(shared_expert_gate(x)) (a float linear).
+_QWEN2_MOE = Arch(
+    norm_pairs=(
+        _LLAMA.norm_pairs[0],
+        NormPair("post_attention_layernorm", (_EXPERT + "gate_proj", _EXPERT + "up_proj", "mlp.shared_expert.gate_proj",
+                                              "mlp.shared_expert.up_proj", "mlp.gate", "mlp.shared_expert_gate")),
+    ),
+    linear_pairs=(_LLAMA.linear_pairs[0], LinearPair(_EXPERT + "up_proj", _EXPERT + "down_proj"),
+                  LinearPair("mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")),
+    keep_float=("mlp.gate", "mlp.shared_expert_gate"),
+    residual_writers=("self_attn.o_proj", _EXPERT + "down_proj", "mlp.shared_expert.down_proj"),
+    experts="mlp.experts",
+)
+
 ARCHS: dict[str, Arch] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -118,6 +164,10 @@ ARCHS: dict[str, Arch] = {
     "ministral": _LLAMA,
     "granite_swa": _LLAMA,
     "cwm": _LLAMA,
+    # Mixture-of-Experts, every layer sparse; experts unfused into one linear each (`lite.moe`).
+    "qwen3_moe": _QWEN3_MOE,
+    "olmoe": _QWEN3_MOE,
+    "qwen2_moe": _QWEN2_MOE,
 }
 
 
@@ -129,7 +179,14 @@ def arch_for(config) -> Arch:
             f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHS))} "
             "(to add one, give it a record in lite/archs.py)"
         )
-    return ARCHS[model_type]
+    arch = ARCHS[model_type]
+    if arch.experts is None:
+        return arch
+    sparse_step, dense = getattr(config, "decoder_sparse_step", 1), getattr(config, "mlp_only_layers", None) or []
+    if sparse_step != 1 or dense:
+        raise LiteError(f"this {model_type} model mixes dense and MoE layers (mlp_only_layers={dense}, "
+                        f"decoder_sparse_step={sparse_step}); lite quantizes only models whose every layer is MoE")
+    return arch.for_experts(config.num_experts)
 
 
 def kv_group_index(config):
@@ -151,6 +208,34 @@ def quantized_linears(arch: Arch, block) -> list[str]:
         for name, module in block.named_modules()
         if isinstance(module, nn.Linear) and name not in arch.keep_float
     ]
+
+
+def quantizing_norms(arch: Arch) -> list[str]:
+    """The norms whose output only quantized linears read: lmdeploy's layout fuses per-token activation
+    quantization into them (QRMSNorm). A norm a float module also reads (a MoE router) stays a norm, and
+    the linears after it quantize their input themselves, to the same values."""
+    return [pair.norm for pair in arch.norm_pairs if not any(name in arch.keep_float for name in pair.linears)]
+
+
+def float_linears(model) -> list[str]:
+    """Names of every nn.Linear of the model still in float (after a swap: `lm_head`, float readers)."""
+    import torch.nn as nn
+
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def float_in_blocks(model) -> list[str]:
+    """Names of the modules inside the blocks that the record keeps float (routers, `shared_expert_gate`)."""
+    arch = arch_for(model.config)
+    layers = model.get_submodule(arch.blocks)
+    return [f"{arch.blocks}.{i}.{name}" for i in range(len(layers)) for name in arch.keep_float]
+
+
+def unquantized(model) -> list[str]:
+    """What a checkpoint lists as left in float: every float linear and every float reader in the blocks
+    (a router may be a bare weight that a serving engine still builds as a linear)."""
+    listed = set(float_in_blocks(model)) | set(float_linears(model))
+    return [name for name, _ in model.named_modules() if name in listed]
 
 
 def check_record(arch: Arch, model) -> None:
@@ -182,7 +267,9 @@ def check_record(arch: Arch, model) -> None:
         width = getattr(getattr(norm, "weight", None), "shape", (None,))[0]
         for name in pair.linears:
             linear = get(block, name, where)
-            if not isinstance(linear, nn.Linear) or linear.in_features != width:
+            weight = getattr(linear, "weight", None)  # a router may be a bare weight, not an nn.Linear
+            if not (isinstance(linear, nn.Linear) or name in arch.keep_float) or weight is None or \
+                    weight.dim() != 2 or weight.shape[1] != width:
                 fail(f"{name} is not a linear reading {pair.norm}'s {width} channels")
     for name in [p.producer for p in arch.linear_pairs] + [p.consumer for p in arch.linear_pairs] + \
             list(arch.residual_writers):

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from lite.archs import arch_for, quantized_linears
+from lite.archs import arch_for, float_linears, quantized_linears, unquantized
 from lite.errors import LiteError
 from lite.model import decoder_blocks
 from lite.observers import ActSettings
@@ -113,11 +113,6 @@ def quantization_config(weights: dict, input_activations: dict | None, ignore: l
             "config_groups": {"group_0": group}, "ignore": ignore, "kv_cache_scheme": None}
 
 
-def float_linears(model: nn.Module) -> list[str]:
-    """Names of every nn.Linear still in float (after the swap: `lm_head`, routers)."""
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-
-
 def ct_name(name: str, qlinears) -> str:
     """A state-dict name under compressed-tensors' names: a QLinear's `scale` is its `weight_scale`."""
     module, _, leaf = name.rpartition(".")
@@ -150,7 +145,7 @@ def streaming_writer(folder: str, model: nn.Module, quant_dtype: str, max_shard_
     qmodel = export.quantized_skeleton(model, quant_dtype, qrmsnorm=False, input_scale=act.static)
     qlinears = {name for name, module in qmodel.named_modules() if isinstance(module, QLinear)}
     weights, inputs = scheme_args(quant_dtype, act)
-    config = quantization_config(weights, inputs, float_linears(qmodel), FORMAT_OF[quant_dtype_of(quant_dtype)])
+    config = quantization_config(weights, inputs, unquantized(qmodel), FORMAT_OF[quant_dtype_of(quant_dtype)])
     return export.CheckpointWriter(folder, qmodel, config, max_shard_size, dtype, tokenizer, source_folder, marker,
                                    rename=lambda name: ct_name(name, qlinears))
 
@@ -172,7 +167,7 @@ def quantize_model_(model: nn.Module, quant_dtype: str, scales: dict[str, torch.
     if not act.static:
         for prefix, block in tqdm(blocks.items(), desc="quantize", unit="block", disable=not progress):
             quantize_block_(block, prefix, arch, model.config, qdtype, scales or {})
-        model.config.quantization_config = quantization_config(weights, inputs, float_linears(model), fmt)
+        model.config.quantization_config = quantization_config(weights, inputs, unquantized(model), fmt)
         return model
     # Static: the whole model smoothed first, so that the scales describe what the quantized linears read.
     for prefix, block in blocks.items():
@@ -186,7 +181,7 @@ def quantize_model_(model: nn.Module, quant_dtype: str, scales: dict[str, torch.
     input_scales = static_input_scales(model, arch, tokens, batch_size, device, act, qdtype, progress)
     for prefix, block in tqdm(blocks.items(), desc="quantize", unit="block", disable=not progress):
         swap_linears_(block, prefix, arch, qdtype, input_scales)
-    model.config.quantization_config = quantization_config(weights, inputs, float_linears(model), fmt)
+    model.config.quantization_config = quantization_config(weights, inputs, unquantized(model), fmt)
     return model
 
 

@@ -16,10 +16,11 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from lite.archs import Arch, arch_for, quantized_linears
+from lite.archs import Arch, arch_for, float_in_blocks, quantized_linears, quantizing_norms
 from lite.errors import LiteError
 from lite.folders import staged_folder, write_marker
 from lite.model import decoder_blocks
+from lite.moe import unfuse_experts_
 from lite.qmodules import QLinear, QRMSNorm
 from lite.quant import quant_dtype_of
 from lite.shards import ShardWriter
@@ -31,10 +32,13 @@ AUX_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "spec
              "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
 
 
-def quantization_config(quant_dtype: str, export_migration_scale: bool) -> dict:
+def quantization_config(quant_dtype: str, export_migration_scale: bool, keep_float: list[str] = ()) -> dict:
+    """lmdeploy's `smooth_quant` config; `keep_float`: the float modules inside the blocks (routers)."""
     qc = {"quant_method": QUANT_METHOD, "quant_dtype": str(quant_dtype_of(quant_dtype)).removeprefix("torch.")}
     if export_migration_scale:
         qc["migration_scale"] = True
+    if keep_float:
+        qc["modules_to_not_convert"] = list(keep_float)
     return qc
 
 
@@ -50,8 +54,8 @@ def quantize_block_(block: nn.Module, prefix: str, arch: Arch, config, qdtype: t
         check_finite(f"{prefix}.{name}", p.detach(), "weight")
     if not export_migration_scale:
         fold_scales_(block, prefix, arch, config, scales)
-        for pair in arch.norm_pairs:
-            block.set_submodule(pair.norm, QRMSNorm.from_norm(block.get_submodule(pair.norm), arch.norm_offset, qdtype))
+        for norm in quantizing_norms(arch):
+            block.set_submodule(norm, QRMSNorm.from_norm(block.get_submodule(norm), arch.norm_offset, qdtype))
     for name in quantized_linears(arch, block):
         linear = block.get_submodule(name)
         ms = None
@@ -67,7 +71,7 @@ def quantize_model_(model: nn.Module, quant_dtype: str, scales: dict[str, torch.
     blocks = decoder_blocks(model, arch)
     for prefix, block in tqdm(blocks.items(), desc="quantize", unit="block", disable=not progress):
         quantize_block_(block, prefix, arch, model.config, qdtype, scales or {}, export_migration_scale)
-    model.config.quantization_config = quantization_config(quant_dtype, export_migration_scale)
+    model.config.quantization_config = quantization_config(quant_dtype, export_migration_scale, float_in_blocks(model))
     return model
 
 
@@ -79,10 +83,10 @@ def quantized_skeleton(model: nn.Module, quant_dtype: str, export_migration_scal
     qmodel, arch, qdtype = copy.deepcopy(model).to("meta"), arch_for(model.config), quant_dtype_of(quant_dtype)
     for prefix, block in decoder_blocks(qmodel, arch).items():
         if qrmsnorm and not export_migration_scale:
-            for pair in arch.norm_pairs:
-                norm = block.get_submodule(pair.norm)
-                block.set_submodule(pair.norm, QRMSNorm(norm.weight.shape[0], 1e-6, arch.norm_offset, qdtype,
-                                                        norm.weight.dtype, device="meta"))
+            for name in quantizing_norms(arch):
+                norm = block.get_submodule(name)
+                block.set_submodule(name, QRMSNorm(norm.weight.shape[0], 1e-6, arch.norm_offset, qdtype,
+                                                   norm.weight.dtype, device="meta"))
         for name in quantized_linears(arch, block):
             linear = block.get_submodule(name)
             block.set_submodule(name, QLinear(linear.in_features, linear.out_features, linear.bias is not None,
@@ -137,7 +141,8 @@ def streaming_writer(folder: str, model: nn.Module, quant_dtype: str, export_mig
                      dtype: torch.dtype, tokenizer, source_folder: str | None, marker: tuple | None) -> CheckpointWriter:
     """The lmdeploy `smooth_quant` layout of `model` (a skeleton), written as blocks arrive."""
     return CheckpointWriter(folder, quantized_skeleton(model, quant_dtype, export_migration_scale),
-                            quantization_config(quant_dtype, export_migration_scale), max_shard_size, dtype,
+                            quantization_config(quant_dtype, export_migration_scale, float_in_blocks(model)),
+                            max_shard_size, dtype,
                             tokenizer, source_folder, marker)
 
 
@@ -247,7 +252,8 @@ def float_model_of_checkpoint(folder: str, quant_method: str) -> tuple[nn.Module
     config = AutoConfig.from_pretrained(folder)
     del config.quantization_config
     dtype = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, str(config.dtype or "float32"))
-    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval(), qc, dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    return unfuse_experts_(model, arch_for(config)), qc, dtype
 
 
 def load_quantized(folder: str) -> nn.Module:
@@ -258,8 +264,8 @@ def load_quantized(folder: str) -> nn.Module:
     migration = bool(qc.get("migration_scale"))
     for prefix, block in decoder_blocks(model, arch).items():
         if not migration:
-            for pair in arch.norm_pairs:
-                block.set_submodule(pair.norm, QRMSNorm.from_norm(block.get_submodule(pair.norm), arch.norm_offset, qdtype))
+            for norm in quantizing_norms(arch):
+                block.set_submodule(norm, QRMSNorm.from_norm(block.get_submodule(norm), arch.norm_offset, qdtype))
         for name in quantized_linears(arch, block):
             linear = block.get_submodule(name)
             block.set_submodule(name, QLinear(linear.in_features, linear.out_features, linear.bias is not None,

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from lite.archs import ARCHS, Arch, arch_for
 from lite.errors import LiteError
+from lite.moe import unfuse_experts_
 from lite.quant import all_finite
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -42,6 +43,11 @@ def tiny_config(model_type: str, **overrides):
     )
     if model_type == "qwen2":
         settings.update(use_sliding_window=True, max_window_layers=1)
+    if ARCHS[model_type].experts is not None:  # 4 experts, 2 per token, every layer sparse
+        settings.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                        mlp_only_layers=[])
+        if model_type == "qwen2_moe":
+            settings.update(shared_expert_intermediate_size=48)
     if getattr(AutoConfig.for_model(model_type), "sliding_window", None) is not None or model_type == "qwen2":
         settings["sliding_window"] = TINY_SLIDING_WINDOW
     settings.update(overrides)
@@ -68,12 +74,14 @@ def build_tiny(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
 
     config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = unfuse_experts_(AutoModelForCausalLM.from_config(config, dtype=dtype), arch_for(config))
     # Random init leaves norm weights at their constant start; spread them so tests see real folding.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5) if ARCHS[model_type].norm_offset == 0 else p.uniform_(-0.5, 0.5)
+            elif name.endswith("mlp.gate.weight"):  # routers start at zero: give them real preferences
+                p.normal_(0, 0.5)
     return model.eval()
 
 
@@ -188,6 +196,7 @@ def load_model(source: str, dtype: str = "auto", trust_remote_code: bool = False
             ShardReader(folder)  # checks every safetensors file's header and size
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     arch = arch_for(model.config)
+    unfuse_experts_(model, arch)
     inside = arch.blocks + "."
     for name, p in model.named_parameters():
         if not name.startswith(inside):

@@ -23,7 +23,7 @@ from lite.folders import check_out_dir, remove_debris
 from lite.formats import check_export_options, check_readback, quantize_and_write
 from lite.model import LoadedModel, config_hash, decoder_blocks, load_model, resolve_dtype, weights_hash
 from lite.observers import ActSettings
-from lite.smooth import check_finite, migration_scales
+from lite.smooth import check_finite, check_folding_fits, migration_scales
 from lite.source import Loaded
 from lite.steps.smoothquant import SCALES
 from lite.steps.stats import INPUTS_STATS, OUTPUTS_STATS, collect_statistics
@@ -130,9 +130,11 @@ def open_source(model: str, work_path: str, dtype: str, trust_remote_code: bool,
         sm = source.open_streamed(model, dtype, trust_remote_code)
         if sm is not None:
             check_record(sm.arch, sm.model)
+            check_folding_fits(sm.config, sm.arch, trust_remote_code)
             return sm, WorkDir(work_path, source.identity(sm)), True
     loaded = load_model(model, dtype, trust_remote_code)
     check_record(loaded.arch, loaded.model)
+    check_folding_fits(loaded.config, loaded.arch, trust_remote_code)
     return loaded, WorkDir(work_path, identity_of(loaded)), False
 
 
@@ -168,7 +170,8 @@ def run_calibrate(loaded: LoadedModel, work: WorkDir, calib: CalibSettings, batc
     """Collect statistics and write both stats files; returns inputs_stats."""
     tokens = calibration_tokens(loaded.tokenizer, calib.calib_dataset, calib.calib_samples,
                                 calib.calib_seqlen, calib.seed, loaded.config.vocab_size)
-    inputs, outputs = collect_statistics(loaded.model, loaded.arch, tokens, batch_size, device)
+    inputs, outputs = collect_statistics(loaded.model, loaded.arch, tokens, batch_size, device,
+                                         all_experts=calib.moe_calibrate_all_experts)
     work.save("statistics", calib_record(calib, dtype), {INPUTS_STATS: inputs, OUTPUTS_STATS: outputs})
     return inputs
 
@@ -450,7 +453,8 @@ def run_recipe(recipe_path, model, work_dir, calib_given: dict, out_dir=None, ma
                 else:
                     writer = ct.streaming_writer(tmp, loaded.model, quant_dtype, max_shard_size, source.dtype,
                                                  loaded.tokenizer, loaded.folder, None)
-                sweep(source, steps, tokens, writer, batch_size, device)
+                sweep(source, steps, tokens, writer, batch_size, device,
+                      all_experts=calib.moe_calibrate_all_experts)
                 if smoothing is not None:
                     work.save("statistics", records, steps[0].artifacts())
                     work.save("migration_scales", {**records, **SmoothSettings(**smoothing).record()},
@@ -464,7 +468,8 @@ def run_recipe(recipe_path, model, work_dir, calib_given: dict, out_dir=None, ma
             return out_dir
         if smoothing is not None:
             stats, smooth = Statistics(), SmoothQuant(**smoothing)
-            sweep(Loaded(loaded.model, loaded.arch), [stats, smooth], tokens, batch_size=batch_size, device=device)
+            sweep(Loaded(loaded.model, loaded.arch), [stats, smooth], tokens, batch_size=batch_size, device=device,
+                  all_experts=calib.moe_calibrate_all_experts)
             work.save("statistics", records, stats.artifacts())
             work.save("migration_scales", {**records, **SmoothSettings(**smoothing).record()}, smooth.artifacts())
             scales = smooth.found
@@ -536,12 +541,14 @@ def quantize_weights(model, work_dir, steps: list, fmt: str, calib, out_dir=None
             writer = weight_only.streaming_writer(tmp, loaded.model, fmt, scheme, max_shard_size, source.dtype,
                                                   loaded.tokenizer, loaded.folder, (work.path, recorded),
                                                   "mse" if settings.get("mse") else "minmax")
-            summary = sweep(source, sweep_steps, tokens, writer, batch_size, device, max_gpu_memory, timer)
+            summary = sweep(source, sweep_steps, tokens, writer, batch_size, device, max_gpu_memory, timer,
+                            all_experts=calib.moe_calibrate_all_experts)
         if not streamed:
             check_readback(loaded.model, out_dir, readback_batches(loaded.tokenizer, tokens))
         work.record("export", {**recorded, "out_dir": out_dir})
         if os.environ.get("LITE_VERBOSE") == "1":
             timer.lap("finish")
-            print("timings " + " ".join(f"{k}={v}" for k, v in {**timer.times, **summary}.items()))
+            print("timings " + " ".join(f"{k}={v}" for k, v in {**timer.times, **summary}.items()
+                                        if not isinstance(v, dict)))
         print(f"wrote {out_dir}")
         return out_dir

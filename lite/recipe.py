@@ -26,7 +26,7 @@ from lite.formats import FORMATS
 from lite.settings import CalibSettings
 
 TOP_KEYS = ("description", "data", "steps", "format")
-DATA_KEYS = ("calib_dataset", "calib_samples", "calib_seqlen", "seed")
+DATA_KEYS = ("calib_dataset", "calib_samples", "calib_seqlen", "seed", "moe_calibrate_all_experts")
 TRANSFORMS = ("fuse_norms", "rotate", "center_embeddings")
 STEP_SETTINGS = {"fuse_norms": (), "rotate": ("seed",), "center_embeddings": ("force",),
                  "smoothquant": ("alpha", "w_stat"), "static_scales": ("act_observer", "act_percentile"),

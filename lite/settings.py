@@ -20,9 +20,13 @@ class CalibSettings:
     calib_samples: int = 128
     calib_seqlen: int = 2048
     seed: int = 0
+    # MoE: every expert's observers see every calibration token (`lite.moe`); the output keeps real routing.
+    moe_calibrate_all_experts: bool = True
 
     def __post_init__(self):
         check_dataset(self.calib_dataset)
+        if not isinstance(self.moe_calibrate_all_experts, bool):
+            raise LiteError(f"--moe-calibrate-all-experts takes true or false, got {self.moe_calibrate_all_experts!r}")
         if not (isinstance(self.calib_samples, int) and self.calib_samples >= 1):
             raise LiteError(f"--calib-samples must be a positive integer, got {self.calib_samples!r}")
         if not (isinstance(self.calib_seqlen, int) and self.calib_seqlen >= 2):
@@ -78,8 +82,12 @@ def describe_calib(calib: CalibSettings) -> str:
 
 
 def calib_record(calib: CalibSettings, dtype: str) -> dict:
-    """What statistics depend on: the calibration settings, the text's content hash and the dtype."""
-    return {**asdict(calib), "calib_data_sha256": data_fingerprint(calib.calib_dataset), "dtype": dtype}
+    """What statistics depend on: the calibration settings, the text's content hash and the dtype. The MoE
+    setting is recorded only when it is off: on is what every record made before it existed means."""
+    record = asdict(calib)
+    if record["moe_calibrate_all_experts"]:
+        del record["moe_calibrate_all_experts"]
+    return {**record, "calib_data_sha256": data_fingerprint(calib.calib_dataset), "dtype": dtype}
 
 
 def smoothing_record(calib, smoothing, dtype) -> dict:

@@ -108,12 +108,16 @@ def migration_scales(
     scales = {}
     for prefix, block in blocks.items():
         for pair in arch.norm_pairs:
-            names = [f"{prefix}.{name}" for name in pair.linears]
-            weights = [block.get_submodule(name).weight.detach() for name in pair.linears]
+            # Float readers (routers) take the factor when it is folded, but their weights do not shape it.
+            quantized = [name for name in pair.linears if name not in arch.keep_float]
+            names = [f"{prefix}.{name}" for name in quantized]
+            weights = [block.get_submodule(name).weight.detach() for name in quantized]
             s = smoothing_factors(act_absmax[names[0]], weight_statistic(weights, w_stat), alpha, normalize)
             scales.update({name: s for name in names})
         for pair in arch.linear_pairs:
             consumer = f"{prefix}.{pair.consumer}"
+            if consumer not in act_absmax and arch.experts and pair.consumer.startswith(arch.experts + "."):
+                continue  # an expert no calibration token reached (warned when the statistics were made)
             w = block.get_submodule(pair.consumer).weight.detach()
             a, ws = act_absmax[consumer].float(), weight_statistic([w], w_stat)
             if pair.per_kv_head:
@@ -169,7 +173,8 @@ def producer_factor(pair: LinearPair, config, s_consumer: torch.Tensor) -> torch
 def fold_scales_(block: nn.Module, prefix: str, arch: Arch, config, scales: dict[str, torch.Tensor]) -> None:
     """Fold migration scales into one block: producers divided, consumers multiplied."""
     for pair in arch.norm_pairs:
-        names = [f"{prefix}.{name}" for name in pair.linears]
+        # Every reader of the norm takes its factor; float readers (routers) have none listed.
+        names = [f"{prefix}.{name}" for name in pair.linears if name not in arch.keep_float]
         if names[0] not in scales:
             continue
         s = scales[names[0]].float()
@@ -188,3 +193,81 @@ def fold_scales_(block: nn.Module, prefix: str, arch: Arch, config, scales: dict
         rows = pair.producer_rows(config) if pair.producer_rows else slice(0, producer.out_features)
         divide_rows_(producer, producer_factor(pair, config, s), rows)
         scale_columns_(block.get_submodule(pair.consumer), s)
+
+
+# The largest relative change of the logits that folding random factors may cause: fp32 rounding
+# is about 1e-6; a record that misses a reader of a norm or a producer changes them by percents.
+FIT_TOLERANCE = 1e-4
+_FITS = set()  # (config, record) pairs already checked in this process
+
+
+@torch.no_grad()
+def check_folding_fits(config, arch: Arch, trust_remote_code: bool = False) -> None:
+    """Refuse a model whose `Arch` record does not describe it, before any work: fold random factors
+    into every smoothing pair of a small random fp32 model of the same config (its first block of
+    each layer type, MLP widths and expert count cut down, hidden size and heads kept) and check that
+    its logits do not move. A record that misses a module reading a norm (gemma2's sandwich norms given
+    gemma's record, say) fails here instead of exporting a model with percents of logit error."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    key = (config.to_json_string(), id(arch))
+    if key in _FITS:
+        return
+
+    from lite.archs import arch_for
+    from lite.moe import unfuse_experts_
+
+    small = copy.deepcopy(config)
+    types = list(getattr(config, "layer_types", None) or [])
+    layers = max([types.index(t) for t in set(types)], default=0) + 1
+    small.num_hidden_layers, small.vocab_size, small.pad_token_id = layers, 64, None
+    if types:
+        small.layer_types = types[:layers]
+    for width in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
+        if isinstance(getattr(small, width, None), int):
+            setattr(small, width, 16)
+    if arch.experts is not None:
+        small.num_experts_per_tok = min(small.num_experts_per_tok, 2)
+        small.num_experts = max(2, small.num_experts_per_tok)
+    for name in ("bos_token_id", "eos_token_id"):
+        if isinstance(getattr(small, name, None), int) and getattr(small, name) >= 64:
+            setattr(small, name, 0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(small, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
+    small_arch = arch_for(small)
+    unfuse_experts_(model, small_arch)
+    generator = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():  # norms away from their constant start, so that folding shows
+        if p.dim() == 1:
+            p.copy_(torch.rand(p.shape, generator=generator) + 0.5 - arch.norm_offset)
+        elif not p.any():  # routers start at zero
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    tokens = torch.randint(0, 64, (1, 24), generator=generator)
+    before = model(input_ids=tokens, use_cache=False).logits
+    blocks = model.get_submodule(small_arch.blocks)
+    for i, block in enumerate(blocks):
+        prefix = f"{small_arch.blocks}.{i}"
+        scales = {}
+        for pair in small_arch.norm_pairs:
+            width = block.get_submodule(pair.norm).weight.shape[0]
+            s = torch.rand(width, generator=generator) * 1.5 + 0.5
+            scales.update({f"{prefix}.{name}": s for name in pair.linears})
+        for pair in small_arch.linear_pairs:
+            size = block.get_submodule(pair.consumer).in_features
+            if pair.per_kv_head:
+                index = kv_group_index(small)
+                s = (torch.rand(int(index.max()) + 1, generator=generator) * 1.5 + 0.5)[index]
+            else:
+                s = torch.rand(size, generator=generator) * 1.5 + 0.5
+            scales[f"{prefix}.{pair.consumer}"] = s
+        fold_scales_(block, prefix, small_arch, small, scales)
+    after = model(input_ids=tokens, use_cache=False).logits
+    change = ((after - before).abs().max() / before.abs().max().clamp(min=1e-12)).item()
+    if not change <= FIT_TOLERANCE:
+        raise LiteError(f"the lite record for model_type {config.model_type!r} does not describe this model: "
+                        f"folding smoothing factors changes its logits by {change:.1e} (relative; at most "
+                        f"{FIT_TOLERANCE:g} allowed), so a module reading a norm or a producer is missing from "
+                        "the record in lite/archs.py; please report it with the model's config.json")
+    _FITS.add(key)

@@ -15,6 +15,7 @@ import torch.nn as nn
 from lite.archs import arch_for
 from lite.model import LoadedModel, config_hash, decoder_blocks, load_tokenizer, move_outside_blocks_, read_config, \
     resolve_dtype
+from lite.moe import unfuse_experts_
 from lite.shards import ShardReader
 
 
@@ -54,7 +55,7 @@ def open_streamed(source: str, dtype: str = "auto", trust_remote_code: bool = Fa
         torch_dtype = config.dtype if isinstance(config.dtype, torch.dtype) else (floating[0] if floating else torch.float32)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    model.eval()
+    unfuse_experts_(model.eval(), arch)  # per-expert linears: the checkpoint's own names
     inside = arch.blocks + "."
     if any(name.startswith(inside) for name, _ in model.named_buffers()):
         return None
@@ -66,8 +67,8 @@ def open_streamed(source: str, dtype: str = "auto", trust_remote_code: bool = Fa
         small.layer_types = []
     helper = dict(AutoModelForCausalLM.from_config(small, dtype=torch_dtype, trust_remote_code=trust_remote_code)
                   .named_buffers())
-    # Checkpoints whose names transformers maps at load time (other prefixes, fused experts) are not
-    # streamed yet: the caller loads them with transformers instead.
+    # Checkpoints whose names transformers maps at load time (other prefixes, fused experts on disk)
+    # are not streamed yet: the caller loads them with transformers instead.
     tied = f"{arch.lm_head}.weight" if getattr(config, "tie_word_embeddings", False) else None
     if any(name not in reader and name != tied for name, _ in model.named_parameters()):
         return None

@@ -50,7 +50,7 @@ def _print_timings(sm: StreamedModel, timer: Timer, summary: dict) -> None:
         return
     timer.lap("finish")
     summary = {**timer.times, "of_which_identity": sm.identity_s, **summary}
-    print("timings " + " ".join(f"{k}={v}" for k, v in summary.items()))
+    print("timings " + " ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
 
 
 def _tokens(sm: StreamedModel, calib):
@@ -81,7 +81,7 @@ def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="
         # The marker names the migration scales' record, which exists once they are saved: written last.
         writer = _writer(tmp, sm, fmt, quant_dtype, export_migration_scale, max_shard_size, marker=None)
         summary = sweep(Shards(sm), [stats, smooth, Rtn(quant_dtype, export_migration_scale, fmt)], tokens, writer,
-                        batch_size, device, max_gpu_memory, timer)
+                        batch_size, device, max_gpu_memory, timer, all_experts=calib.moe_calibrate_all_experts)
         # Artifacts first, then the folder appears: a finished output folder always has its statistics.
         work.save("statistics", calib_record(calib, dtype), stats.artifacts())
         work.save("migration_scales", smoothing_record(calib, smoothing, dtype), smooth.artifacts())
@@ -101,7 +101,8 @@ def stream_calibrate(sm: StreamedModel, work, calib, batch_size="auto", device="
     timer = Timer(sm.opened_at or time.perf_counter())
     _check_options("int8", batch_size)
     stats = Statistics()
-    summary = sweep(Shards(sm), [stats], _tokens(sm, calib), None, batch_size, device, max_gpu_memory, timer)
+    summary = sweep(Shards(sm), [stats], _tokens(sm, calib), None, batch_size, device, max_gpu_memory, timer,
+                    all_experts=calib.moe_calibrate_all_experts)
     work.save("statistics", calib_record(calib, dtype), stats.artifacts())
     _print_timings(sm, timer, summary)
     return stats.inputs
@@ -120,7 +121,7 @@ def stream_smooth(sm: StreamedModel, work, calib, smoothing, inputs: dict | None
         _check_options("int8", batch_size)
         stats, smooth = Statistics(), SmoothQuant(smoothing.alpha, smoothing.w_stat)
         summary = sweep(Shards(sm), [stats, smooth], _tokens(sm, calib), None, batch_size, device, max_gpu_memory,
-                        timer)
+                        timer, all_experts=calib.moe_calibrate_all_experts)
         work.save("statistics", calib_record(calib, dtype), stats.artifacts())
     work.save("migration_scales", smoothing_record(calib, smoothing, dtype), smooth.artifacts())
     _print_timings(sm, timer, summary)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from lite.calibrate import capture_block_inputs, removing, show_tokens_per_second
 from lite.export import parse_size
 from lite.model import check_finite_tensor
+from lite.moe import describe_routing, every_expert_sees_all_tokens
 from lite.quant import CHUNK_ELEMENTS, row_chunks
 from lite.smooth import check_finite
 from lite.steps.base import Block, Hook
@@ -129,9 +130,14 @@ def _attach(block: torch.nn.Module, hooks: list[Hook]) -> list:
 
 @torch.no_grad()
 def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, batch_size="auto", device="cpu",
-          max_gpu_memory=DEFAULT_MAX_GPU_MEMORY, timer: "Timer | None" = None, progress: bool = True) -> dict:
+          max_gpu_memory=DEFAULT_MAX_GPU_MEMORY, timer: "Timer | None" = None, progress: bool = True,
+          all_experts: bool = True) -> dict:
     """Run `steps` over every block of `source`, each block's weights loaded once; returns a summary
-    (batch size, where the hidden states were kept, peak GPU memory).
+    (batch size, where the hidden states were kept, peak GPU memory; for MoE models the tokens routing
+    sent each expert of each block, `routed_tokens`).
+
+    In a MoE block's observed forward every expert runs on every token when `all_experts` (its observers
+    see them all), on its routed tokens only otherwise; the outputs follow the model's routing either way.
 
     `tokens` `(samples, seqlen)` run through each block that a step observes; `sink` (a checkpoint
     writer with `wants`, `write`, `close`) receives the embeddings, every finished block, the final
@@ -274,8 +280,12 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
             hooks = [hook for step in steps for hook in step.observers(block)]
             if hooks:
                 assert tokens is not None, "a step observes activations, but the sweep was given no tokens"
-                with removing(_attach(module, hooks)):
+                with removing(_attach(module, hooks)), every_expert_sees_all_tokens(module, arch, all_experts) as moe:
                     forward(module, i, keep=not propagate_quantized)
+                if moe is not None:
+                    routed = summary.setdefault("routed_tokens", {})[prefix] = moe.routed_tokens.cpu().tolist()
+                    if progress:
+                        bar.write(describe_routing(prefix, torch.tensor(routed)))
                 timer.lap("forward")
             for step in steps:
                 step.apply_(block)

@@ -12,14 +12,13 @@ The tensors are the buffers of `lite.qmodules.WQLinear` in the matching layout; 
 """
 
 import copy
-import sys
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 
-from lite.archs import arch_for, quantized_linears
-from lite.errors import LiteError
+from lite.archs import arch_for, float_linears, quantized_linears, unquantized
+from lite.errors import LiteError, warn
 from lite.model import decoder_blocks
 from lite.qmodules import WQLinear
 
@@ -99,10 +98,6 @@ def check_weight_format(fmt: str, scheme: WeightScheme) -> None:
              "(compressed-tensors) but not in vLLM")
 
 
-def warn(message: str) -> None:
-    print(f"lite: warning: {message}", file=sys.stderr)
-
-
 def check_weight_shapes(fmt: str, scheme: WeightScheme, model: nn.Module) -> None:
     """Refuse a model (a meta skeleton is enough) whose linears `fmt` cannot store with `scheme`, naming
     the first one and the option to change."""
@@ -152,10 +147,6 @@ def quantization_config(fmt: str, scheme: WeightScheme, ignore: list[str], obser
             "sym": scheme.symmetric, "checkpoint_format": layout_of(fmt, scheme), "lm_head": False}
 
 
-def float_linears(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-
-
 def swap_skeleton_(model: nn.Module, fmt: str, scheme: WeightScheme, dtype: torch.dtype, device="meta") -> nn.Module:
     """Every quantized linear of the blocks replaced by an empty WQLinear of `fmt`'s layout, in place."""
     arch, layout = arch_for(model.config), layout_of(fmt, scheme)
@@ -179,7 +170,7 @@ def streaming_writer(folder: str, model: nn.Module, fmt: str, scheme: WeightSche
     quantized = [(name, m) for name, m in qmodel.named_modules() if isinstance(m, WQLinear)]
     split = ([n for n, m in quantized if m.group_size == scheme.group_size],
              [n for n, m in quantized if m.group_size != scheme.group_size])
-    config = quantization_config(fmt, scheme, float_linears(qmodel), observer, split)
+    config = quantization_config(fmt, scheme, unquantized(qmodel), observer, split)
     return export.CheckpointWriter(folder, qmodel, config, max_shard_size, dtype, tokenizer, source_folder, marker)
 
 

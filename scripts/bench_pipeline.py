@@ -4,6 +4,8 @@ floors measured in the same run.
     python scripts/bench_pipeline.py                       # Llama-3-8B shape, 128 x 2048 random tokens, cuda
     python scripts/bench_pipeline.py --command auto_gptq   # W4A16 GPTQ, groups of 128, compressed-tensors
     python scripts/bench_pipeline.py --layers 4 --hidden 8192 --intermediate 28672 --heads 64   # 70B-shaped slice
+    python scripts/bench_pipeline.py --experts 128 --top-k 8 --moe-intermediate 768 --hidden 2048 --heads 32 \
+        --kv-heads 4 --head-dim 128 --vocab 151936 --layers 8 --no-floors   # Qwen3-30B-A3B-shaped slice (qwen3_moe)
     python scripts/bench_pipeline.py --device cpu --hidden 2048 --intermediate 5632 --heads 16 --kv-heads 4 \\
         --vocab 32000 --layers 8 --samples 8 --seqlen 512  # ~1 GB bf16 model on the CPU
 
@@ -42,8 +44,18 @@ IMPORTS = HWM + "; " + IMPORTS
 
 
 def llama_config(args):
-    from transformers import LlamaConfig
+    """The checkpoint's config: Llama, or with --experts a Qwen3-MoE whose every layer is sparse."""
+    from transformers import LlamaConfig, Qwen3MoeConfig
 
+    if args.experts:
+        return Qwen3MoeConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
+                              moe_intermediate_size=args.moe_intermediate, num_experts=args.experts,
+                              num_experts_per_tok=args.top_k, norm_topk_prob=True, decoder_sparse_step=1,
+                              mlp_only_layers=[], num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                              num_key_value_heads=args.kv_heads, head_dim=args.head_dim or args.hidden // args.heads,
+                              vocab_size=args.vocab, max_position_embeddings=max(8192, args.seqlen),
+                              rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=256,
+                              eos_token_id=257, dtype="bfloat16")
     return LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
                        max_position_embeddings=max(8192, args.seqlen), rope_theta=500000.0, rms_norm_eps=1e-5,
@@ -51,18 +63,31 @@ def llama_config(args):
 
 
 def block_tensors(config, i, gen_device, generator):
-    """Random bf16 weights of decoder block i: linears N(0, 0.02), norms U(0.5, 1.5)."""
-    h, inter, hd = config.hidden_size, config.intermediate_size, config.hidden_size // config.num_attention_heads
-    kv = config.num_key_value_heads * hd
-    shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-              "self_attn.o_proj": (h, h), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
-              "mlp.down_proj": (h, inter)}
+    """Random bf16 weights of decoder block i: linears N(0, 0.02), norms U(0.5, 1.5); for a MoE config,
+    one gate/up/down per expert under the checkpoint's names, a router and Qwen3's q/k norms."""
+    h, inter = config.hidden_size, config.intermediate_size
+    hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    shapes = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+              "self_attn.o_proj": (h, q)}
+    experts = getattr(config, "num_experts", 0) or 0
+    if experts:
+        moe = config.moe_intermediate_size
+        for e in range(experts):
+            shapes.update({f"mlp.experts.{e}.gate_proj": (moe, h), f"mlp.experts.{e}.up_proj": (moe, h),
+                           f"mlp.experts.{e}.down_proj": (h, moe)})
+        shapes["mlp.gate"] = (experts, h)
+    else:
+        shapes.update({"mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h), "mlp.down_proj": (h, inter)})
     out = {}
     for name, shape in shapes.items():
         w = torch.empty(shape, device=gen_device, dtype=torch.bfloat16).normal_(0, 0.02, generator=generator)
         out[f"model.layers.{i}.{name}.weight"] = w.cpu()
-    for name in ("input_layernorm", "post_attention_layernorm"):
-        w = torch.empty(h, device=gen_device, dtype=torch.bfloat16).uniform_(0.5, 1.5, generator=generator)
+    norms = {"input_layernorm": h, "post_attention_layernorm": h}
+    if experts:
+        norms.update({"self_attn.q_norm": hd, "self_attn.k_norm": hd})
+    for name, width in norms.items():
+        w = torch.empty(width, device=gen_device, dtype=torch.bfloat16).uniform_(0.5, 1.5, generator=generator)
         out[f"model.layers.{i}.{name}.weight"] = w.cpu()
     return out
 
@@ -174,6 +199,10 @@ def add_shape_arguments(p: argparse.ArgumentParser, layers: int = 32) -> None:
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--head-dim", type=int, default=None, help="default: hidden / heads")
+    p.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE with this many experts per layer")
+    p.add_argument("--top-k", type=int, default=8, help="experts per token (with --experts)")
+    p.add_argument("--moe-intermediate", type=int, default=768, help="each expert's width (with --experts)")
 
 
 def main():
@@ -198,6 +227,10 @@ def main():
     size = make_checkpoint(args, model)
     shape = (f"hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, {args.heads} heads, "
              f"{args.kv_heads} KV heads, vocab {args.vocab}, bf16")
+    if args.experts:
+        shape = (f"qwen3_moe: {args.experts} experts of intermediate {args.moe_intermediate}, top-{args.top_k}, "
+                 f"hidden {args.hidden}, {args.layers} layers, {args.heads} heads of {args.head_dim}, "
+                 f"{args.kv_heads} KV heads, vocab {args.vocab}, bf16")
     print(f"checkpoint: {shape}: {size / 1e9:.2f} GB written in {time.perf_counter() - start:.1f} s")
 
     _, import_rss, _ = run_child([sys.executable, "-c", IMPORTS])

@@ -6,7 +6,7 @@ import hashlib
 import pytest
 import torch
 
-from lite.archs import ARCHS
+from lite.archs import arch_for
 from lite.steps.stats import collect_statistics
 from lite.cli.main import main
 from lite.model import build_tiny, byte_tokenizer, decoder_blocks
@@ -24,7 +24,7 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def arch_of(model):
-    return ARCHS[model.config.model_type]
+    return arch_for(model.config)
 
 
 def blocks_of(model) -> dict:

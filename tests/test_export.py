@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from helpers import arch_of, blocks_of, input_absmax, logits, random_tokens, relative_difference, tiny_absmax
+from lite.archs import float_in_blocks
 from lite.export import load_quantized, quantize_model_, write_checkpoint
 from lite.model import build_tiny, byte_tokenizer
 from lite.qmodules import QLinear, QRMSNorm
@@ -113,12 +114,14 @@ def test_weights_dequantize_within_half_a_step_of_the_smoothed_weights(tiny_mode
                 tiny_model.get_submodule(name).weight * q.migration_scale  # (out, in) · (in,)
             error = (q.dequantized_weight() - w.detach()).abs()
             assert (error <= q.scale / 2 * (1 + 1e-5) + 1e-6 * w.abs()).all(), (name, migration)
-    # Folded: the norms feeding the QLinears hold the folded weights and quantize their output.
+    # Folded: the norms feeding the QLinears hold the folded weights and quantize their output, except
+    # a norm that a float router also reads.
     quantized = quantized_copy(tiny_model, scales, False)
+    arch = arch_of(tiny_model)
     for prefix, block in blocks_of(quantized).items():
-        for pair in arch_of(tiny_model).norm_pairs:
+        for pair in arch.norm_pairs:
             norm = block.get_submodule(pair.norm)
-            assert isinstance(norm, QRMSNorm)
+            assert isinstance(norm, QRMSNorm) == (not set(pair.linears) & set(arch.keep_float)), pair.norm
             assert torch.equal(norm.weight, folded.get_submodule(f"{prefix}.{pair.norm}").weight)
 
 
@@ -133,8 +136,9 @@ def test_migration_scale_layout(tiny_model, tokens, tmp_path):
 
     saved = saved_tensors(tmp_path / "q")
 
+    float_readers = set(float_in_blocks(tiny_model))  # MoE routers: float, no migration scale
     linear_names = [name for name, m in tiny_model.named_modules() if isinstance(m, torch.nn.Linear)
-                    and ".layers." in name]
+                    and ".layers." in name and name not in float_readers]
     for name in linear_names:
         ms = saved[f"{name}.migration_scale"]
         assert ms.dtype == torch.float32
@@ -143,13 +147,14 @@ def test_migration_scale_layout(tiny_model, tokens, tmp_path):
         assert torch.equal(ms, expected), name
     for prefix in blocks_of(tiny_model):
         for pair in arch.norm_pairs:
-            vectors = [saved[f"{prefix}.{name}.migration_scale"] for name in pair.linears]
+            vectors = [saved[f"{prefix}.{name}.migration_scale"] for name in pair.linears if name not in arch.keep_float]
             assert all(torch.equal(v, vectors[0]) for v in vectors), pair.linears
             assert not torch.equal(vectors[0], torch.ones_like(vectors[0]))
             assert torch.equal(saved[f"{prefix}.{pair.norm}.weight"],
                                tiny_model.get_submodule(f"{prefix}.{pair.norm}").weight.detach())
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    assert qc == {"quant_method": "smooth_quant", "quant_dtype": "int8", "migration_scale": True}
+    assert qc == {"quant_method": "smooth_quant", "quant_dtype": "int8", "migration_scale": True,
+                  **({"modules_to_not_convert": sorted(float_readers)} if float_readers else {})}
 
 
 @pytest.mark.parametrize("quant_dtype, stored", [("int8", torch.int8), ("fp8", torch.float8_e4m3fn)])

@@ -69,8 +69,8 @@ def consumers(model) -> set[str]:
     arch = arch_of(model)
     names = set()
     for prefix in blocks_of(model):
-        for pair in arch.norm_pairs:
-            names.update(f"{prefix}.{name}" for name in pair.linears)
+        for pair in arch.norm_pairs:  # float readers (MoE routers) get no scale of their own
+            names.update(f"{prefix}.{name}" for name in pair.linears if name not in arch.keep_float)
         names.update(f"{prefix}.{pair.consumer}" for pair in arch.linear_pairs)
     return names
 

@@ -57,9 +57,13 @@ def assert_same_folders(a, b):
     ("llama", {}, False, "compressed-tensors", "minmax"),  # static input scales, observed on the smoothed model
     ("qwen2", {}, False, "compressed-tensors", "mse"),
     ("phi3", {"tie_word_embeddings": False}, False, "compressed-tensors", "percentile"),
+    ("qwen3_moe", {}, False, "lmdeploy", "dynamic"),  # per-expert linears read by their checkpoint names
+    ("olmoe", {}, True, "lmdeploy", "dynamic"),
+    ("qwen2_moe", {}, False, "compressed-tensors", "minmax"),  # a shared expert; routers float, in `ignore`
 ])
 def test_streamed_equals_full_load(tmp_path, monkeypatch, model_type, overrides, export_migration_scale, fmt, act):
     folder = save_model(tmp_path, model_type, **overrides)
+    assert source.open_streamed(folder) is not None  # else both runs would load the model
     act = ActSettings() if act == "dynamic" else ActSettings("static", act)
     streamed, full = run_both(tmp_path, folder, monkeypatch, export_migration_scale=export_migration_scale, fmt=fmt,
                               act=act)

@@ -28,6 +28,16 @@ from lite.steps.base import Block, Hook, Step
 from lite.weight_only import WeightScheme
 
 
+def _common_parent(names) -> str:
+    """The deepest module holding every one of `names` (dotted), "" for the block itself."""
+    common = []
+    for level in zip(*(name.split(".")[:-1] for name in names)):
+        if any(part != level[0] for part in level):
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
 class Calls:
     """What a module was called with and returned during the block's forward: the mean |x| of its input
     channels over every token, and the first calls up to `max_tokens` tokens, to run it again."""
@@ -87,9 +97,10 @@ class Awq(Step):
         """[(consumers, module whose calls are inspected, one factor per KV head?)] for the block."""
         plan = []
         for pair in block.arch.norm_pairs:
-            parents = {name.rpartition(".")[0] for name in pair.linears}
-            parent = parents.pop() if len(parents) == 1 else ""
-            plan.append((pair.linears, parent or pair.linears[0], False))
+            # Float readers (MoE routers) take the factor unquantized: the search leaves them as they are.
+            consumers = tuple(name for name in pair.linears if name not in block.arch.keep_float)
+            # The loss is the output of the module holding them all (attention, MLP, MoE layer).
+            plan.append((consumers, _common_parent(consumers) or consumers[0], False))
         for pair in block.arch.linear_pairs:
             plan.append(((pair.consumer,), pair.consumer, pair.per_kv_head))
         return plan

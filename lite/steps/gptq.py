@@ -9,7 +9,8 @@ paper's sequential quantization.
 
 import torch
 
-from lite.errors import LiteError
+from lite.archs import quantizing_norms
+from lite.errors import LiteError, warn
 from lite.gptq import gptq_quantize
 from lite.observers import Hessian, input_groups
 from lite.qmodules import QLinear, QRMSNorm
@@ -53,8 +54,14 @@ class Gptq(Step):
         self.raised_damping = {}  # {linear fqn: damping used} where the factorization needed more
 
     def observers(self, block: Block) -> list[Hook]:
+        """One Hessian per group of linears reading one tensor, fed by the norm that makes it where there is
+        one (in a MoE block an expert's own input holds only its routed tokens unless every expert sees all)."""
+        norm_of = {}
+        for pair in block.arch.norm_pairs:
+            norm_of.setdefault(tuple(name for name in pair.linears if name not in block.arch.keep_float), pair.norm)
         self._observed = [(group, Hessian()) for group in input_groups(block.arch, block.module)]
-        return [Hook(group[0], "input", observer) for group, observer in self._observed]
+        return [Hook(norm_of[group], "output", observer) if group in norm_of else Hook(group[0], "input", observer)
+                for group, observer in self._observed]
 
     @torch.no_grad()
     def apply_(self, block: Block) -> None:
@@ -65,6 +72,10 @@ class Gptq(Step):
         for group, observer in self._observed:
             linears = [module.get_submodule(name) for name in group]
             W = torch.cat([linear.weight for linear in linears])  # (Σ out, in): rows are independent given H
+            if observer.tokens == 0:  # a MoE expert routing sent no token: plain rounding (H = I)
+                warn(f"no calibration token reached {block.prefix}.{group[0].rpartition('.')[0]}: rounded to "
+                     "nearest (--moe-calibrate-all-experts true gives every expert every token)")
+                observer.update(torch.eye(W.shape[1], dtype=torch.float32, device=W.device))
             H, s = observer.result()[0], block.scales.get(f"{block.prefix}.{group[0]}")  # (in, in)
             if s is not None:
                 s = s.float().to(H.device)
@@ -88,7 +99,7 @@ class Gptq(Step):
                                     self.fmt, self.scheme)
                 first = rows.stop
         if self.qdtype is not None and self.fmt == "lmdeploy":  # per-token quantization fused into the norms
-            for pair in block.arch.norm_pairs:
-                norm = module.get_submodule(pair.norm)
-                module.set_submodule(pair.norm, QRMSNorm.from_norm(norm, block.arch.norm_offset, self.qdtype))
+            for name in quantizing_norms(block.arch):
+                norm = module.get_submodule(name)
+                module.set_submodule(name, QRMSNorm.from_norm(norm, block.arch.norm_offset, self.qdtype))
         self._observed = []

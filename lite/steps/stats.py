@@ -5,6 +5,7 @@ import torch
 
 from lite.archs import quantized_linears
 from lite.calibrate import STATS, RunningStats, store_statistics
+from lite.errors import warn
 from lite.steps.base import Block, Hook, Step
 
 INPUTS_STATS, OUTPUTS_STATS = "inputs_stats.pth", "outputs_stats.pth"
@@ -41,6 +42,12 @@ class Statistics(Step):
 
     def apply_(self, block: Block) -> None:
         observed_in, observed_out = self._observed
+        unseen = sorted({fqn.rpartition(".")[0] for fqn, stats in observed_in.items() if stats.count == 0})
+        if unseen:  # MoE experts that routing sent no token (--moe-calibrate-all-experts false)
+            warn(f"no calibration token reached {', '.join(unseen)}: no statistics for them, so they are not "
+                 "smoothed (--moe-calibrate-all-experts true gives every expert every token)")
+            observed_in = {fqn: stats for fqn, stats in observed_in.items() if stats.count}
+            observed_out = {fqn: stats for fqn, stats in observed_out.items() if stats.count}
         block.absmax = {fqn: stats.absmax for fqn, stats in observed_in.items()}
         store_statistics(observed_in, observed_out, self.inputs, self.outputs)
         self._observed = None
@@ -50,11 +57,13 @@ class Statistics(Step):
 
 
 @torch.no_grad()
-def collect_statistics(model, arch, tokens: torch.Tensor, batch_size: int, device, progress: bool = True):
+def collect_statistics(model, arch, tokens: torch.Tensor, batch_size: int, device, progress: bool = True,
+                       all_experts: bool = True):
     """(inputs_stats, outputs_stats) of a model in memory, through the sweep."""
     from lite.source import Loaded
     from lite.sweep import sweep
 
     step = Statistics()
-    sweep(Loaded(model, arch), [step], tokens, batch_size=batch_size, device=device, progress=progress)
+    sweep(Loaded(model, arch), [step], tokens, batch_size=batch_size, device=device, progress=progress,
+          all_experts=all_experts)
     return step.inputs, step.outputs
