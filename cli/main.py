@@ -57,8 +57,7 @@ def calibrate(model: str, work_dir: str = None, recipe: str = None, calib_datase
         dtype: auto (the checkpoint's), float32, float16 or bfloat16.
         trust_remote_code: allow model code from the hub (only for models you trust).
         moe_calibrate_all_experts: Mixture-of-Experts models: every expert's statistics see every
-            calibration token, while each block's output keeps the model's own routing (default true).
-            With false, an expert sees only the tokens routed to it, and one that gets none is left
+            calibration token, while each block's output keeps the model's own routing. With false, an expert sees only the tokens routed to it, and one that gets none is left
             unsmoothed, with a warning naming it.
     """
     calib = CalibSettings(calib_dataset, calib_samples, calib_seqlen, seed, moe_calibrate_all_experts)

@@ -69,6 +69,17 @@ class Arch:
     keep_float: tuple[str, ...] = ()
     # Linears whose output is added to the residual stream (rotations turn their rows).
     residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    # LayerNorm families: the norms subtract the mean (and may add a bias, which folding divides too);
+    # lmdeploy's fused RMSNorm+quant does not apply, nor do fuse_norms and rotate.
+    layer_norm: bool = False
+    # False where rotating the residual stream is not exact: norms after the attention or MLP output
+    # (gemma2's sandwich, olmo2), or LayerNorm's mean subtraction.
+    rotatable: bool = True
+    # Where the checkpoint names a tensor otherwise than the model in memory does (transformers renames at
+    # load time): (in-memory fragment, checkpoint fragment) pairs of dotted names, applied in order; a
+    # leading "^" anchors a fragment at the start of the name (`to_checkpoint`, `from_checkpoint`). No
+    # fragment may overlap another's result, so that the map reverses.
+    checkpoint_names: tuple[tuple[str, str], ...] = ()
     # Mixture-of-Experts: the experts module of a block (`lite.moe.Experts` once unfused). Names holding
     # `{e}` stand for every expert; `arch_for` writes them out for the config's number of experts.
     experts: str | None = None
@@ -112,6 +123,50 @@ _PHI3 = Arch(
 
 _GEMMA = Arch(norm_pairs=_LLAMA.norm_pairs, linear_pairs=_LLAMA.linear_pairs, norm_offset=1.0)
 
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+# Sandwich norms (gemma2, gemma3): the norm feeding gate/up is the pre-feedforward one; the post norms
+# act on the attention and MLP outputs before the residual add.
+_GEMMA2 = Arch(
+    norm_pairs=(NormPair("input_layernorm", _QKV), NormPair("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
+    linear_pairs=_LLAMA.linear_pairs, norm_offset=1.0, rotatable=False,
+)
+
+# Norms after attention and MLP (olmo2): nothing normalizes the linears' inputs, but v -> o and
+# up -> down still smooth.
+_OLMO2 = Arch(norm_pairs=(), linear_pairs=_LLAMA.linear_pairs, rotatable=False)
+
+# One LayerNorm feeds attention and MLP in parallel (cohere).
+_COHERE = Arch(
+    norm_pairs=(NormPair("input_layernorm", _QKV + ("mlp.gate_proj", "mlp.up_proj")),),
+    linear_pairs=_LLAMA.linear_pairs, layer_norm=True, rotatable=False,
+)
+
+# LayerNorm with a bias, llama's module names (stablelm).
+_STABLELM = Arch(norm_pairs=_LLAMA.norm_pairs, linear_pairs=_LLAMA.linear_pairs, layer_norm=True, rotatable=False)
+
+# LayerNorm with a bias; fc1 -> gelu -> fc2 is no smoothing pair (the factor does not pass through gelu).
+_PHI = Arch(
+    norm_pairs=(NormPair("input_layernorm", _QKV + ("mlp.fc1",)),),  # parallel attention and MLP
+    linear_pairs=(LinearPair("self_attn.v_proj", "self_attn.dense", per_kv_head=True),),
+    final_norm="model.final_layernorm", layer_norm=True, rotatable=False,
+    residual_writers=("self_attn.dense", "mlp.fc2"),
+)
+_STARCODER2 = Arch(
+    norm_pairs=(NormPair("input_layernorm", _QKV), NormPair("post_attention_layernorm", ("mlp.c_fc",))),
+    linear_pairs=(_LLAMA.linear_pairs[0],), layer_norm=True, rotatable=False,
+    residual_writers=("self_attn.o_proj", "mlp.c_proj"),
+)
+
+# Llama's blocks under GPT-2-like checkpoint names, which transformers renames at load time.
+_EXAONE = replace(_LLAMA, checkpoint_names=(
+    ("^model.embed_tokens.", "^transformer.wte."), ("^model.layers.", "^transformer.h."), ("^model.norm.", "^transformer.ln_f."),
+    (".self_attn.o_proj.", ".attn.attention.out_proj."), (".self_attn.q_proj.", ".attn.attention.q_proj."),
+    (".self_attn.k_proj.", ".attn.attention.k_proj."), (".self_attn.v_proj.", ".attn.attention.v_proj."),
+    (".input_layernorm.", ".ln_1."), (".post_attention_layernorm.", ".ln_2."),
+    (".mlp.gate_proj.", ".mlp.c_fc_0."), (".mlp.up_proj.", ".mlp.c_fc_1."), (".mlp.down_proj.", ".mlp.c_proj."),
+))
+
 # MoE (issue 11): the router (`mlp.gate`, a weight without a Linear around it) reads the norm like the
 # experts do: it receives the factor on its input columns and stays float. It comes last in the pair,
 # so that the pair's statistics are an expert's.
@@ -141,6 +196,12 @@ _QWEN2_MOE = Arch(
     experts="mlp.experts",
 )
 
+# Mixtral: Qwen3-MoE's blocks in memory; on disk `block_sparse_moe.experts.{e}.w1/w3/w2` (gate, up, down).
+_MIXTRAL = replace(_QWEN3_MOE, checkpoint_names=(
+    (".mlp.experts.", ".block_sparse_moe.experts."), (".mlp.gate.", ".block_sparse_moe.gate."),
+    (".gate_proj.", ".w1."), (".up_proj.", ".w3."), (".down_proj.", ".w2."),
+))
+
 ARCHS: dict[str, Arch] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -164,11 +225,44 @@ ARCHS: dict[str, Arch] = {
     "ministral": _LLAMA,
     "granite_swa": _LLAMA,
     "cwm": _LLAMA,
+    "exaone": _EXAONE,
+    "gemma2": _GEMMA2,
+    "gemma3_text": _GEMMA2,
+    "olmo2": _OLMO2,
+    "olmo3": _OLMO2,
+    "cohere": _COHERE,
+    "cohere2": _COHERE,
+    "stablelm": _STABLELM,
+    "phi": _PHI,
+    "starcoder2": _STARCODER2,
     # Mixture-of-Experts, every layer sparse; experts unfused into one linear each (`lite.moe`).
     "qwen3_moe": _QWEN3_MOE,
     "olmoe": _QWEN3_MOE,
     "qwen2_moe": _QWEN2_MOE,
+    "mixtral": _MIXTRAL,
 }
+
+
+def _rename(name: str, pairs) -> str:
+    out = name + "."  # so that a fragment ending in "." also matches a module name
+    for old, new in pairs:
+        if old.startswith("^"):
+            if out.startswith(old[1:]):
+                out = new.lstrip("^") + out[len(old) - 1:]
+        else:
+            out = out.replace(old, new)
+    return out[:-1]
+
+
+def to_checkpoint(arch: Arch, name: str) -> str:
+    """The checkpoint's name of a tensor or module the model in memory calls `name`."""
+    return _rename(name, arch.checkpoint_names) if arch.checkpoint_names else name
+
+
+def from_checkpoint(arch: Arch, name: str) -> str:
+    """The in-memory name of a tensor or module the checkpoint calls `name`."""
+    return _rename(name, [(new, old) for old, new in reversed(arch.checkpoint_names)]) if arch.checkpoint_names \
+        else name
 
 
 def arch_for(config) -> Arch:
@@ -214,6 +308,8 @@ def quantizing_norms(arch: Arch) -> list[str]:
     """The norms whose output only quantized linears read: lmdeploy's layout fuses per-token activation
     quantization into them (QRMSNorm). A norm a float module also reads (a MoE router) stays a norm, and
     the linears after it quantize their input themselves, to the same values."""
+    if arch.layer_norm:
+        return []
     return [pair.norm for pair in arch.norm_pairs if not any(name in arch.keep_float for name in pair.linears)]
 
 
@@ -225,17 +321,19 @@ def float_linears(model) -> list[str]:
 
 
 def float_in_blocks(model) -> list[str]:
-    """Names of the modules inside the blocks that the record keeps float (routers, `shared_expert_gate`)."""
+    """The modules inside the blocks that the record keeps float (routers, `shared_expert_gate`), under the
+    checkpoint's names (lmdeploy's `modules_to_not_convert`)."""
     arch = arch_for(model.config)
     layers = model.get_submodule(arch.blocks)
-    return [f"{arch.blocks}.{i}.{name}" for i in range(len(layers)) for name in arch.keep_float]
+    return [to_checkpoint(arch, f"{arch.blocks}.{i}.{name}") for i in range(len(layers)) for name in arch.keep_float]
 
 
 def unquantized(model) -> list[str]:
-    """What a checkpoint lists as left in float: every float linear and every float reader in the blocks
-    (a router may be a bare weight that a serving engine still builds as a linear)."""
-    listed = set(float_in_blocks(model)) | set(float_linears(model))
-    return [name for name, _ in model.named_modules() if name in listed]
+    """What a checkpoint lists as left in float, under its own names: every float linear and every float
+    reader in the blocks (a router may be a bare weight that a serving engine still builds as a linear)."""
+    arch = arch_for(model.config)
+    listed = {from_checkpoint(arch, name) for name in float_in_blocks(model)} | set(float_linears(model))
+    return [to_checkpoint(arch, name) for name, _ in model.named_modules() if name in listed]
 
 
 def check_record(arch: Arch, model) -> None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from lite.archs import arch_for, float_linears, quantized_linears, unquantized
+from lite.archs import arch_for, float_linears, from_checkpoint, quantized_linears, unquantized
 from lite.errors import LiteError
 from lite.model import decoder_blocks
 from lite.observers import ActSettings
@@ -234,14 +234,15 @@ def load_compressed_tensors(folder: str) -> nn.Module:
     model, qc, dtype = float_model_of_checkpoint(folder, QUANT_METHOD)
     weights, inputs = _read_scheme(folder, qc)
     qdtype, static = QDTYPE_OF[(weights["type"], weights["num_bits"])], inputs["dynamic"] is False
-    ignore = set(qc.get("ignore") or [])
+    arch = arch_for(model.config)
+    ignore = {from_checkpoint(arch, name) for name in qc.get("ignore") or []}
     quantized = [name for name in float_linears(model) if name not in ignore]
     for name in quantized:
         linear = model.get_submodule(name)
         model.set_submodule(name, QLinear(linear.in_features, linear.out_features, linear.bias is not None,
                                           qdtype, dtype, input_scale=static))
     state = {}
-    for name, t in read_state_dict(folder).items():
+    for name, t in read_state_dict(folder, arch).items():
         module, _, leaf = name.rpartition(".")
         if module in quantized and leaf == "weight_scale":
             out_features = model.get_submodule(module).out_features

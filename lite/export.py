@@ -16,7 +16,8 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from lite.archs import Arch, arch_for, float_in_blocks, quantized_linears, quantizing_norms
+from lite.archs import Arch, arch_for, float_in_blocks, from_checkpoint, quantized_linears, quantizing_norms, \
+    to_checkpoint
 from lite.errors import LiteError
 from lite.folders import staged_folder, write_marker
 from lite.model import decoder_blocks
@@ -38,7 +39,7 @@ def quantization_config(quant_dtype: str, export_migration_scale: bool, keep_flo
     if export_migration_scale:
         qc["migration_scale"] = True
     if keep_float:
-        qc["modules_to_not_convert"] = list(keep_float)
+        qc["modules_to_not_convert"] = list(keep_float)  # under the checkpoint's names
     return qc
 
 
@@ -116,10 +117,11 @@ class CheckpointWriter:
     def __init__(self, folder: str, qmodel: nn.Module, quantization_config: dict, max_shard_size,
                  dtype: torch.dtype, tokenizer, source_folder: str | None, marker: tuple | None,
                  rename=lambda name: name):
+        arch = arch_for(qmodel.config)
         self.folder, self.qmodel, self.dtype, self.tokenizer = folder, qmodel, dtype, tokenizer
-        self.source_folder, self.quantization_config, self.marker, self.rename = \
-            source_folder, quantization_config, marker, rename
-        self.shards = ShardWriter(folder, output_layout(qmodel, rename), parse_size(max_shard_size))
+        self.source_folder, self.quantization_config, self.marker = source_folder, quantization_config, marker
+        self.rename = lambda name: to_checkpoint(arch, rename(name))  # the checkpoint's own names
+        self.shards = ShardWriter(folder, output_layout(qmodel, self.rename), parse_size(max_shard_size))
 
     def wants(self, name: str) -> bool:
         return self.rename(name) in self.shards.where
@@ -190,8 +192,10 @@ def write_checkpoint(model: nn.Module, tokenizer, source_folder: str | None, out
     `tensors` replaces the model's state dict when a format names tensors differently. `marker`
     (work dir, export settings) is written into the folder as lite's marker (lite/folders.py).
     """
+    arch = arch_for(model.config)
+    tensors = checkpoint_tensors(model) if tensors is None else tensors
     with staged_folder(out_dir) as tmp:
-        write_shards(checkpoint_tensors(model) if tensors is None else tensors, tmp, parse_size(max_shard_size))
+        write_shards({to_checkpoint(arch, name): t for name, t in tensors.items()}, tmp, parse_size(max_shard_size))
         write_model_files(tmp, model.config, next(model.parameters()).dtype, tokenizer, source_folder,
                           getattr(model, "generation_config", None))
         if marker is not None:
@@ -215,7 +219,8 @@ def write_model_files(folder: str, config, dtype: torch.dtype, tokenizer, source
             generation_config.save_pretrained(folder)
 
 
-def read_state_dict(folder: str) -> dict[str, torch.Tensor]:
+def read_state_dict(folder: str, arch: Arch | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, under the model's in-memory names when `arch` is given."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -225,7 +230,7 @@ def read_state_dict(folder: str) -> dict[str, torch.Tensor]:
     tensors = {}
     for name in files:
         tensors.update(load_file(os.path.join(folder, name)))
-    return tensors
+    return tensors if arch is None else {from_checkpoint(arch, name): t for name, t in tensors.items()}
 
 
 def quant_method_of(folder: str) -> str | None:
@@ -270,7 +275,7 @@ def load_quantized(folder: str) -> nn.Module:
             linear = block.get_submodule(name)
             block.set_submodule(name, QLinear(linear.in_features, linear.out_features, linear.bias is not None,
                                               qdtype, dtype, migration))
-    return load_checkpoint_state_(model, read_state_dict(folder), qc, folder)
+    return load_checkpoint_state_(model, read_state_dict(folder, arch), qc, folder)
 
 
 def load_checkpoint_state_(model: nn.Module, state: dict[str, torch.Tensor], qc: dict, folder: str) -> nn.Module:

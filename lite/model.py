@@ -54,6 +54,30 @@ def tiny_config(model_type: str, **overrides):
     return AutoConfig.for_model(model_type, **settings)
 
 
+def shrunk_config(config, vocab_size: int = 64):
+    """A copy of `config` that builds a small model with the same kinds of parts: one block per layer type
+    (in the order they first appear), `vocab_size` tokens, MLPs 16 wide, 2 experts; hidden size, heads and
+    everything else kept. For checks and for the buffers a config alone defines."""
+    import copy
+
+    small = copy.deepcopy(config)
+    types = list(getattr(config, "layer_types", None) or [])
+    layers = max([types.index(t) for t in set(types)], default=0) + 1
+    small.num_hidden_layers, small.vocab_size, small.pad_token_id = layers, vocab_size, None
+    if types:
+        small.layer_types = types[:layers]
+    for width in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
+        if isinstance(getattr(small, width, None), int):
+            setattr(small, width, 16)
+    if isinstance(getattr(small, "num_experts", None), int) and isinstance(getattr(small, "num_experts_per_tok", None), int):
+        small.num_experts_per_tok = min(small.num_experts_per_tok, 2)
+        small.num_experts = max(2, small.num_experts_per_tok)
+    for name in ("bos_token_id", "eos_token_id"):
+        if isinstance(getattr(small, name, None), int) and getattr(small, name) >= vocab_size:
+            setattr(small, name, 0)
+    return small
+
+
 def byte_tokenizer():
     """A byte-level tokenizer over 256 byte tokens plus `<s>` (256) and `</s>` (257)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -80,6 +104,8 @@ def build_tiny(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5) if ARCHS[model_type].norm_offset == 0 else p.uniform_(-0.5, 0.5)
+            elif name.endswith("norm.bias"):  # LayerNorm biases start at zero
+                p.uniform_(-0.2, 0.2)
             elif name.endswith("mlp.gate.weight"):  # routers start at zero: give them real preferences
                 p.normal_(0, 0.5)
     return model.eval()

@@ -143,9 +143,11 @@ def scale_columns_(linear: nn.Linear, s: torch.Tensor) -> None:
 
 @torch.no_grad()
 def divide_norm_(norm: nn.Module, s: torch.Tensor, offset: float) -> None:
-    """Fold 1/s into a norm computing x · (offset + w): w <- (offset + w) / s - offset."""
+    """Fold 1/s into a norm computing x · (offset + w) (+ b): w <- (offset + w) / s - offset, b <- b / s."""
     w = norm.weight.float()
     norm.weight.copy_(((offset + w) / s - offset).to(norm.weight.dtype))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.copy_((norm.bias.float() / s).to(norm.bias.dtype))
 
 
 @torch.no_grad()
@@ -208,32 +210,16 @@ def check_folding_fits(config, arch: Arch, trust_remote_code: bool = False) -> N
     each layer type, MLP widths and expert count cut down, hidden size and heads kept) and check that
     its logits do not move. A record that misses a module reading a norm (gemma2's sandwich norms given
     gemma's record, say) fails here instead of exporting a model with percents of logit error."""
-    import copy
-
     from transformers import AutoModelForCausalLM
+
+    from lite.archs import arch_for
+    from lite.model import shrunk_config
+    from lite.moe import unfuse_experts_
 
     key = (config.to_json_string(), id(arch))
     if key in _FITS:
         return
-
-    from lite.archs import arch_for
-    from lite.moe import unfuse_experts_
-
-    small = copy.deepcopy(config)
-    types = list(getattr(config, "layer_types", None) or [])
-    layers = max([types.index(t) for t in set(types)], default=0) + 1
-    small.num_hidden_layers, small.vocab_size, small.pad_token_id = layers, 64, None
-    if types:
-        small.layer_types = types[:layers]
-    for width in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
-        if isinstance(getattr(small, width, None), int):
-            setattr(small, width, 16)
-    if arch.experts is not None:
-        small.num_experts_per_tok = min(small.num_experts_per_tok, 2)
-        small.num_experts = max(2, small.num_experts_per_tok)
-    for name in ("bos_token_id", "eos_token_id"):
-        if isinstance(getattr(small, name, None), int) and getattr(small, name) >= 64:
-            setattr(small, name, 0)
+    small = shrunk_config(config)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(small, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
     small_arch = arch_for(small)

@@ -3,7 +3,6 @@ weights are read from the safetensors files when their block's turn comes). The 
 through both; only these few methods differ.
 """
 
-import copy
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,9 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lite.archs import arch_for
+from lite.archs import arch_for, to_checkpoint
 from lite.model import LoadedModel, config_hash, decoder_blocks, load_tokenizer, move_outside_blocks_, read_config, \
-    resolve_dtype
+    resolve_dtype, shrunk_config
 from lite.moe import unfuse_experts_
 from lite.shards import ShardReader
 
@@ -61,22 +60,19 @@ def open_streamed(source: str, dtype: str = "auto", trust_remote_code: bool = Fa
         return None
     # Non-persistent buffers (rotary inv_freq, Gemma's embed_scale) come from the config, not the
     # checkpoint: build the model without blocks and with a tiny vocabulary, and take them from it.
-    small = copy.deepcopy(config)
-    small.num_hidden_layers, small.vocab_size, small.pad_token_id = 0, 8, None
-    if getattr(small, "layer_types", None) is not None:
-        small.layer_types = []
-    helper = dict(AutoModelForCausalLM.from_config(small, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-                  .named_buffers())
-    # Checkpoints whose names transformers maps at load time (other prefixes, fused experts on disk)
-    # are not streamed yet: the caller loads them with transformers instead.
+    helper = dict(AutoModelForCausalLM.from_config(shrunk_config(config, vocab_size=8), dtype=torch_dtype,
+                                                   trust_remote_code=trust_remote_code).named_buffers())
+    # The checkpoint's names are the model's, or the record maps them (`checkpoint_names`); a checkpoint
+    # that transformers maps otherwise (other prefixes, fused experts on disk) is loaded with transformers.
     tied = f"{arch.lm_head}.weight" if getattr(config, "tie_word_embeddings", False) else None
-    if any(name not in reader and name != tied for name, _ in model.named_parameters()):
+    if any(to_checkpoint(arch, name) not in reader and name != tied for name, _ in model.named_parameters()):
         return None
     for name, _ in list(model.named_buffers()):
+        stored = to_checkpoint(arch, name)
         if name in helper:
             _set_tensor(model, name, helper[name].clone(), parameter=False)
-        elif name in reader:
-            _set_tensor(model, name, reader.read([name])[name], parameter=False)
+        elif stored in reader:
+            _set_tensor(model, name, reader.read([stored])[stored], parameter=False)
         else:
             return None
     return StreamedModel(model, tokenizer, source, source, reader, torch_dtype, opened_at)
@@ -85,8 +81,8 @@ def open_streamed(source: str, dtype: str = "auto", trust_remote_code: bool = Fa
 def _source_name(sm: StreamedModel, name: str) -> str:
     """The checkpoint tensor a state-dict entry is loaded from (a tied lm_head reads the embeddings)."""
     if getattr(sm.config, "tie_word_embeddings", False) and name == f"{sm.arch.lm_head}.weight":
-        return f"{sm.arch.embed}.weight"
-    return name
+        name = f"{sm.arch.embed}.weight"
+    return to_checkpoint(sm.arch, name)
 
 
 def streamed_weights_hash(sm: StreamedModel) -> str:
@@ -156,6 +152,9 @@ class Loaded:
         move_outside_blocks_(self.model, self.arch, "cpu")
 
 
+FETCH_BYTES = 256 << 20  # pinned CPU memory a block's weights pass through on the way to a GPU
+
+
 class Shards:
     """A `StreamedModel`: blocks read from the checkpoint files, on the read thread, and freed after their turn."""
 
@@ -171,15 +170,29 @@ class Shards:
         return decoder_blocks(self.model, self.arch)
 
     def fetch(self, prefix: str, device, copy_stream) -> dict[str, torch.Tensor]:
-        """A block's weights on the device, in the model dtype (runs on the read thread)."""
+        """A block's weights on the device, in the model dtype (runs on the read thread). On a GPU they pass
+        through pinned memory `FETCH_BYTES` at a time, which the next part reuses: the CPU holds a part of
+        a block, not the block (a MoE block is 1.2 GB)."""
         cuda = torch.device(device).type == "cuda"
         block = self.model.get_submodule(prefix)
         names = [f"{prefix}.{n}" for n, _ in block.named_parameters()]
-        tensors = self.reader.read(names, pin_memory=cuda)
-        if cuda:
-            with torch.cuda.stream(copy_stream):
-                tensors = {n: t.to(device, non_blocking=True) for n, t in tensors.items()}
-            copy_stream.synchronize()
+        parts, size = [[]], 0
+        for name in names:
+            nbytes = self.reader.nbytes([to_checkpoint(self.arch, name)])
+            if parts[-1] and cuda and size + nbytes > FETCH_BYTES:
+                parts.append([])
+                size = 0
+            parts[-1].append(name)
+            size += nbytes
+        tensors = {}
+        for part in parts:
+            stored = {to_checkpoint(self.arch, name): name for name in part}
+            read = {stored[n]: t for n, t in self.reader.read(list(stored), pin_memory=cuda).items()}
+            if cuda:
+                with torch.cuda.stream(copy_stream):
+                    read = {n: t.to(device, non_blocking=True) for n, t in read.items()}
+                copy_stream.synchronize()
+            tensors.update(read)
         return {n: t.to(self.dtype) if t.is_floating_point() else t for n, t in tensors.items()}
 
     def attach(self, prefix: str, block: nn.Module, tensors: dict[str, torch.Tensor], device) -> None:
@@ -193,10 +206,10 @@ class Shards:
         block.to("meta")
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.reader.entries[name].shape
+        return self.reader.entries[to_checkpoint(self.arch, name)].shape
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self.reader.read_rows(name, start, stop).to(self.dtype)
+        return self.reader.read_rows(to_checkpoint(self.arch, name), start, stop).to(self.dtype)
 
     def set_embeddings(self, embed: torch.Tensor) -> None:
         """The embeddings assembled on the device by the sweep (read once, a chunk of rows at a time)."""

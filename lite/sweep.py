@@ -174,7 +174,10 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
     read_ahead = read_pool.submit if cuda else _Later
     copy_stream = torch.cuda.Stream(device) if cuda else None
     prefixes = list(blocks)
-    tail_names = [] if sink is None else [n for n in (f"{arch.final_norm}.weight", f"{arch.lm_head}.weight")
+    # The final norm's and lm_head's tensors (weights, and biases where the family has them).
+    tail_names = [] if sink is None else [n for module in (arch.final_norm, arch.lm_head)
+                                          for n in (f"{module}.{p}" for p, _ in
+                                                    model.get_submodule(module).named_parameters())
                                           if sink.wants(n)]
 
     def copy_tail() -> None:

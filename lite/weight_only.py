@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from lite.archs import arch_for, float_linears, quantized_linears, unquantized
+from lite.archs import arch_for, float_linears, from_checkpoint, quantized_linears, to_checkpoint, unquantized
 from lite.errors import LiteError, warn
 from lite.model import decoder_blocks
 from lite.qmodules import WQLinear
@@ -167,7 +167,8 @@ def streaming_writer(folder: str, model: nn.Module, fmt: str, scheme: WeightSche
     from lite import export
 
     qmodel = swap_skeleton_(copy.deepcopy(model).to("meta"), fmt, scheme, dtype)
-    quantized = [(name, m) for name, m in qmodel.named_modules() if isinstance(m, WQLinear)]
+    arch = arch_for(model.config)
+    quantized = [(to_checkpoint(arch, name), m) for name, m in qmodel.named_modules() if isinstance(m, WQLinear)]
     split = ([n for n, m in quantized if m.group_size == scheme.group_size],
              [n for n, m in quantized if m.group_size != scheme.group_size])
     config = quantization_config(fmt, scheme, unquantized(qmodel), observer, split)
@@ -209,7 +210,8 @@ def load_weight_only(folder: str) -> nn.Module:
                         f"desc_act false); this one has quantization_config {qc}")
     fmt, scheme = found
     layout = "gptq_v2" if method == "gptq" and qc.get("checkpoint_format") == "gptq_v2" else layout_of(fmt, scheme)
-    ignore = set(qc.get("ignore") or qc.get("modules_to_not_convert") or [])
+    arch = arch_for(model.config)
+    ignore = {from_checkpoint(arch, name) for name in qc.get("ignore") or qc.get("modules_to_not_convert") or []}
     if method == "awq":
         # AWQ always stores zero points; symmetric AWQ is the special case zero = 2^(b-1).
         scheme = WeightScheme(scheme.bits, scheme.group_size, False, scheme.channel_fallback)
@@ -221,7 +223,7 @@ def load_weight_only(folder: str) -> nn.Module:
         model.set_submodule(name, WQLinear(linear.in_features, linear.out_features, linear.bias is not None,
                                            own.bits, own.group_size, own.symmetric, layout,
                                            scale_dtype_of(fmt, dtype)))
-    return load_checkpoint_state_(model, read_state_dict(folder), qc, folder)
+    return load_checkpoint_state_(model, read_state_dict(folder, arch), qc, folder)
 
 
 def describe(qc: dict) -> str:

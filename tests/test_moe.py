@@ -20,6 +20,7 @@ from lite.errors import LiteError
 from lite.model import build_tiny, byte_tokenizer, tiny_config
 from lite.moe import Experts
 from lite.smooth import check_folding_fits
+from lite.shards import ShardReader
 from lite.source import Loaded, open_streamed
 from lite.steps.stats import Statistics
 from lite.sweep import sweep
@@ -194,3 +195,35 @@ def test_the_fit_check_refuses_a_wrong_record_before_any_output(tmp_path, monkey
     message = lite_error(capsys, "smooth_quant", "tiny:gemma2", "--work-dir", tmp_path / "w", *CALIB)
     assert "record for model_type 'gemma2' does not describe this model" in message
     assert not os.path.exists(tmp_path / "w" / "quantized")
+
+
+def test_readme_lists_every_supported_model_type():
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    listed = readme.split("<!-- model types: begin -->")[1].split("<!-- model types: end -->")[0]
+    assert [t.strip() for t in listed.replace("\n", " ").split(",")] == sorted(ARCHS)
+
+
+def test_mixtral_is_read_and_written_under_its_checkpoint_names(tmp_path):
+    """Mixtral's checkpoint names its experts `block_sparse_moe.experts.{e}.w1/w3/w2` (gate, up, down), which
+    transformers renames at load time; lite streams them under the record's name map and writes them back
+    under the same names, each expert quantized, the router float."""
+    src = tmp_path / "model"
+    fused = save_fused(src, "mixtral")
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in ShardReader(str(src)).entries
+    assert open_streamed(str(src)) is not None
+    main(["smooth_quant", str(src), "--work-dir", str(tmp_path / "w"), "--format", "compressed-tensors", *CALIB])
+    out = tmp_path / "w" / "quantized"
+    written = ShardReader(str(out)).entries
+    for i in range(2):
+        for e in range(4):
+            for w in ("w1", "w2", "w3"):
+                assert written[f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"].dtype == torch.int8
+        assert written[f"model.layers.{i}.block_sparse_moe.gate.weight"].dtype == torch.float32
+    assert not any(".mlp." in name for name in written)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "model.layers.1.block_sparse_moe.gate" in qc["ignore"]
+    # Read back by lite (under the map) it computes close to the float model.
+    tokens = random_tokens()
+    from lite.formats import load_checkpoint
+
+    assert (logits(load_checkpoint(str(out)), tokens) - logits(fused, tokens)).abs().max() < 0.1

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lite import pipeline, source, stream
 from lite.folders import MARKER
@@ -60,6 +60,12 @@ def assert_same_folders(a, b):
     ("qwen3_moe", {}, False, "lmdeploy", "dynamic"),  # per-expert linears read by their checkpoint names
     ("olmoe", {}, True, "lmdeploy", "dynamic"),
     ("qwen2_moe", {}, False, "compressed-tensors", "minmax"),  # a shared expert; routers float, in `ignore`
+    ("gemma3_text", {}, False, "lmdeploy", "dynamic"),  # sandwich norms; sliding and full layers
+    ("phi", {"tie_word_embeddings": False}, False, "compressed-tensors", "dynamic"),  # LayerNorm and lm_head biases
+    ("starcoder2", {}, True, "lmdeploy", "dynamic"),
+    ("cohere2", {}, False, "compressed-tensors", "minmax"),  # one LayerNorm feeds attention and MLP
+    ("olmo3", {}, False, "lmdeploy", "dynamic"),  # norms after attention and MLP only
+    ("exaone", {}, False, "compressed-tensors", "dynamic"),  # checkpoint names transformers renames at load
 ])
 def test_streamed_equals_full_load(tmp_path, monkeypatch, model_type, overrides, export_migration_scale, fmt, act):
     folder = save_model(tmp_path, model_type, **overrides)
@@ -253,3 +259,38 @@ def test_a_hub_id_is_downloaded_then_streamed(tmp_path, monkeypatch):
     out = pipeline.smooth_quant("some-org/some-model", str(tmp_path / "w"), CALIB, SmoothSettings(), device="cpu")
 
     assert asked == ["some-org/some-model"] and os.path.isfile(os.path.join(out, "config.json"))
+
+
+def test_a_checkpoint_under_other_names_is_read_and_written_under_them(tmp_path):
+    """exaone's checkpoint calls llama's modules `transformer.h.{i}.attn.attention.q_proj`, ...: the streamed
+    run reads them by the record's name map and writes the quantized checkpoint under the same names,
+    which transformers' own loader maps again."""
+    folder = save_model(tmp_path, "exaone")
+    stored = set(ShardReader(folder).entries)
+    assert "transformer.h.0.attn.attention.q_proj.weight" in stored and not any(".self_attn." in n for n in stored)
+    assert source.open_streamed(folder) is not None
+    out = pipeline.smooth_quant(folder, str(tmp_path / "w"), CALIB, SmoothSettings(), batch_size=2, device="cpu",
+                                fmt="compressed-tensors")
+    written = set(ShardReader(out).entries)
+    assert "transformer.h.1.mlp.c_fc_0.weight_scale" in written and not any(".self_attn." in n for n in written)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)  # raises on a missing or unexpected tensor
+    assert model.model.layers[1].mlp.gate_proj.weight.dtype == torch.int8
+
+
+def test_a_checkpoint_without_the_model_prefix_is_loaded_as_transformers_loads_it(tmp_path):
+    """Keys transformers maps at load time but the record does not (no `model.` prefix): the run loads
+    the model with transformers instead of failing on a missing key."""
+    folder = save_model(tmp_path, "llama")
+    path = os.path.join(folder, "model.safetensors.index.json")
+    index = json.load(open(path))
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(os.path.join(folder, shard))
+        save_file({k.removeprefix("model."): v for k, v in tensors.items()}, os.path.join(folder, shard),
+                  metadata={"format": "pt"})
+    index["weight_map"] = {k.removeprefix("model."): v for k, v in index["weight_map"].items()}
+    json.dump(index, open(path, "w"))
+    assert source.open_streamed(folder) is None
+    out = pipeline.smooth_quant(folder, str(tmp_path / "w"), CALIB, SmoothSettings(), batch_size=2, device="cpu")
+    assert "model.layers.0.self_attn.q_proj.weight" in ShardReader(out).entries

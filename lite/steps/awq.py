@@ -100,7 +100,7 @@ class Awq(Step):
             # Float readers (MoE routers) take the factor unquantized: the search leaves them as they are.
             consumers = tuple(name for name in pair.linears if name not in block.arch.keep_float)
             # The loss is the output of the module holding them all (attention, MLP, MoE layer).
-            plan.append((consumers, _common_parent(consumers) or consumers[0], False))
+            plan.append((consumers, _common_parent(consumers), False))  # "": the whole (parallel) block
         for pair in block.arch.linear_pairs:
             plan.append(((pair.consumer,), pair.consumer, pair.per_kv_head))
         return plan

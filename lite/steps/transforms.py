@@ -45,6 +45,9 @@ class FuseNorms(Step):
     def start(self, run) -> None:
         model, arch = run.source.model, run.source.arch
         self.model, self.arch = model, arch
+        if arch.layer_norm:
+            raise LiteError(f"fuse_norms needs RMSNorm norms; {model.config.model_type} uses LayerNorm (mean "
+                            "subtraction, a bias), whose weight does not move into the linears exactly: leave it out")
         final = model.get_submodule(arch.final_norm)
         head = model.get_submodule(arch.lm_head)
         gain = _norm_gain(final, arch.norm_offset)
@@ -106,6 +109,9 @@ class Rotate(Step):
     def start(self, run) -> None:
         model, arch = run.source.model, run.source.arch
         self.model, self.arch = model, arch
+        if not arch.rotatable:
+            raise LiteError(f"rotate is not exact on {model.config.model_type}: norms after the attention or MLP "
+                            "output, or LayerNorm's mean subtraction, do not commute with a rotation; leave it out")
         final = model.get_submodule(arch.final_norm)
         if not torch.all(_norm_gain(final, arch.norm_offset) == 1):
             raise LiteError("rotate needs fuse_norms before it (the norms must compute x / rms(x)); put fuse_norms "
