@@ -220,8 +220,17 @@ def load_model(source: str, dtype: str = "auto", trust_remote_code: bool = False
 
         if checkpoint_files(folder):
             ShardReader(folder)  # checks every safetensors file's header and size
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    model, info = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                       output_loading_info=True)
     arch = arch_for(model.config)
+    # transformers starts a parameter the checkpoint lacks (or names so that it cannot map it) from random
+    # values, with a warning; quantizing that would be quantizing noise.
+    tied = f"{arch.lm_head}.weight" if getattr(model.config, "tie_word_embeddings", False) else None
+    missing = [name for name in info.get("missing_keys") or [] if name != tied]
+    if missing:
+        raise LiteError(f"{source} has no tensor for {missing[0]} ({len(missing)} parameters missing, or under "
+                        "names transformers does not map); re-download the model or check that it is the "
+                        f"{model.config.model_type} checkpoint its config.json says")
     unfuse_experts_(model, arch)
     inside = arch.blocks + "."
     for name, p in model.named_parameters():

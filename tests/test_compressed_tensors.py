@@ -198,3 +198,30 @@ def test_cli_smooth_quant_writes_a_checked_static_folder(tmp_path, capsys):
         main(["smooth_quant", "tiny:llama", "--work-dir", str(tmp_path / "w2"), "--act-scheme", "static",
               "--calib-dataset", "sample", "--calib-samples", "4", "--calib-seqlen", "64", "--device", "cpu"])
     assert e.value.code == 2 and "needs --format compressed-tensors" in capsys.readouterr().err
+
+
+def _every_type():
+    """Every supported `model_type`; transformers 5.24 fuses a MoE layer's experts at load time and cannot
+    load their quantized per-expert tensors (vLLM and SGLang map them; `lite eval` reads them)."""
+    from lite.archs import ARCHS
+
+    moe = pytest.mark.xfail(strict=True, reason="transformers 5.24 does not load quantized per-expert MoE tensors")
+    return [pytest.param(t, marks=moe) if arch.experts else t for t, arch in sorted(ARCHS.items())]
+
+
+@pytest.mark.parametrize("model_type", _every_type())
+def test_transformers_loads_every_supported_type_and_agrees(tmp_path, model_type):
+    """fp8 with static input scales (the same grid on both sides): transformers' own loader with the
+    compressed-tensors package computes what lite's reader computes, within the rounding flips above."""
+    pytest.importorskip("compressed_tensors")
+    tokens = random_tokens()
+    model, float_model = build_tiny(model_type), build_tiny(model_type)
+    arch = ct.arch_for(model.config)
+    blocks = {f"{arch.blocks}.{i}": b for i, b in enumerate(model.get_submodule(arch.blocks))}
+    scales = migration_scales(blocks, arch, model.config, input_absmax(model, tokens), 0.5, "lmdeploy")
+    ct.quantize_model_(model, "fp8", scales, ActSettings("static"), tokens, 2, "cpu", progress=False)
+    ct.write_checkpoint(model, byte_tokenizer(), None, str(tmp_path / "q"))
+    check = random_tokens(seed=7)
+    ours = logits(ct.load_compressed_tensors(str(tmp_path / "q")), check)
+    mean, peak = disagreement(ours, transformers_logits(str(tmp_path / "q"), check), logits(float_model, check))
+    assert mean <= 0.2 and peak <= 0.5

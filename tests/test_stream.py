@@ -294,3 +294,23 @@ def test_a_checkpoint_without_the_model_prefix_is_loaded_as_transformers_loads_i
     assert source.open_streamed(folder) is None
     out = pipeline.smooth_quant(folder, str(tmp_path / "w"), CALIB, SmoothSettings(), batch_size=2, device="cpu")
     assert "model.layers.0.self_attn.q_proj.weight" in ShardReader(out).entries
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused_in_one_line_not_started_from_random_values(tmp_path, capsys):
+    """Streamed or loaded by transformers (which would start the missing weight from random values and only
+    warn), a checkpoint without one of the model's tensors is an error naming it, before any output."""
+    from helpers import lite_error
+
+    folder = save_model(tmp_path, "llama")
+    path = os.path.join(folder, "model.safetensors.index.json")
+    index = json.load(open(path))
+    gone = "model.layers.1.mlp.down_proj.weight"
+    shard = os.path.join(folder, index["weight_map"].pop(gone))
+    tensors = load_file(shard)
+    del tensors[gone]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    json.dump(index, open(path, "w"))
+    message = lite_error(capsys, "smooth_quant", folder, "--work-dir", tmp_path / "w", "--calib-dataset", "sample",
+                         "--calib-samples", "4", "--calib-seqlen", "48", "--device", "cpu")
+    assert gone in message
+    assert not os.path.exists(tmp_path / "w" / "quantized")
