@@ -168,8 +168,8 @@ _EXAONE = replace(_LLAMA, checkpoint_names=(
 ))
 
 # MoE (issue 11): the router (`mlp.gate`, a weight without a Linear around it) reads the norm like the
-# experts do: it receives the factor on its input columns and stays float. It comes last in the pair,
-# so that the pair's statistics are an expert's.
+# experts do: listed in the pair, it receives the factor on its input columns; listed in `keep_float`,
+# it stays float and shapes neither the statistics nor the factor.
 _EXPERT = "mlp.experts.{e}."
 _QWEN3_MOE = Arch(
     norm_pairs=(

@@ -9,7 +9,7 @@ then sees each expert as the linear it is, and a streamed model reads the checkp
 their own names.
 
 Calibration: while `every_expert_sees_all_tokens` is on (the sweep's observed forward, unless
-`--no-moe-calibrate-all-experts`), each expert also runs on the tokens routing did not send it, so its
+`--moe-calibrate-all-experts false`), each expert also runs on the tokens routing did not send it, so its
 observers see the whole batch, while the layer's output still mixes only the routed experts' outputs:
 the next block sees what it would see in service. `routed_tokens` counts, per expert, the tokens the
 model's own routing sent it.

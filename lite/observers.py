@@ -227,3 +227,13 @@ def input_groups(arch: Arch, block: nn.Module) -> list[tuple[str, ...]]:
             groups.append(group)
             grouped.update(group)
     return groups + [(name,) for name in names if name not in grouped]
+
+
+def group_input(arch: Arch, group: tuple[str, ...]) -> tuple[str, str]:
+    """(module, "output" or "input") where a hook sees the tensor a group of `input_groups` reads: the
+    norm that makes it, for the readers of a norm (in a MoE block an expert's own input holds only its
+    routed tokens unless every expert sees all), else the first linear's input."""
+    for pair in arch.norm_pairs:
+        if group == tuple(name for name in pair.linears if name not in arch.keep_float):
+            return pair.norm, "output"
+    return group[0], "input"

@@ -12,7 +12,7 @@ import torch
 from lite.archs import quantizing_norms
 from lite.errors import LiteError, warn
 from lite.gptq import gptq_quantize
-from lite.observers import Hessian, input_groups
+from lite.observers import Hessian, group_input, input_groups
 from lite.qmodules import QLinear, QRMSNorm
 from lite.smooth import fold_scales_
 from lite.steps.base import Block, Hook, Step
@@ -54,14 +54,8 @@ class Gptq(Step):
         self.raised_damping = {}  # {linear fqn: damping used} where the factorization needed more
 
     def observers(self, block: Block) -> list[Hook]:
-        """One Hessian per group of linears reading one tensor, fed by the norm that makes it where there is
-        one (in a MoE block an expert's own input holds only its routed tokens unless every expert sees all)."""
-        norm_of = {}
-        for pair in block.arch.norm_pairs:
-            norm_of.setdefault(tuple(name for name in pair.linears if name not in block.arch.keep_float), pair.norm)
         self._observed = [(group, Hessian()) for group in input_groups(block.arch, block.module)]
-        return [Hook(norm_of[group], "output", observer) if group in norm_of else Hook(group[0], "input", observer)
-                for group, observer in self._observed]
+        return [Hook(*group_input(block.arch, group), observer) for group, observer in self._observed]
 
     @torch.no_grad()
     def apply_(self, block: Block) -> None:

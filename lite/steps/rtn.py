@@ -19,7 +19,7 @@ from lite.archs import quantized_linears
 from lite.export import quantize_block_
 from lite.quant import quant_dtype_of
 from lite.smooth import fold_scales_
-from lite.observers import Hessian, input_groups
+from lite.observers import Hessian, group_input, input_groups
 from lite.steps.base import Block, Hook, Step
 from lite.weight_only import WeightScheme, quantize_rtn, scale_dtype_of, swap_quantized_
 
@@ -39,7 +39,7 @@ class Rtn(Step):
         groups = input_groups(block.arch, block.module)
         self._hessians = [(group, Hessian(self.scheme.for_linear(block.module.get_submodule(group[0]).in_features)
                                           .group_size)) for group in groups]
-        return [Hook(group[0], "input", observer) for group, observer in self._hessians]
+        return [Hook(*group_input(block.arch, group), observer) for group, observer in self._hessians]
 
     @torch.no_grad()
     def apply_(self, block: Block) -> None:

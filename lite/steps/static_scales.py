@@ -7,7 +7,7 @@ the quantized linears will see."""
 
 import torch
 
-from lite.observers import ActSettings, input_groups
+from lite.observers import ActSettings, group_input, input_groups
 from lite.quant import symmetric_scale
 from lite.smooth import check_finite
 from lite.steps.base import Block, Hook, Step
@@ -21,9 +21,8 @@ class StaticScales(Step):
         self.scales, self._observed = {}, []
 
     def observers(self, block: Block) -> list[Hook]:
-        # The first linear of a group sees the tensor every linear of the group reads.
         self._observed = [(group, self.act.observer(self.qdtype)) for group in input_groups(block.arch, block.module)]
-        return [Hook(group[0], "input", observer) for group, observer in self._observed]
+        return [Hook(*group_input(block.arch, group), observer) for group, observer in self._observed]
 
     def apply_(self, block: Block) -> None:
         for group, observer in self._observed:
