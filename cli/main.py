@@ -243,9 +243,9 @@ def run(recipe: str, model: str, work_dir: str = None, out_dir: str = None, cali
     GPTQ and AWQ, in the order the recipe lists them, then write its format. W8A8 recipes load the
     model in memory; weight-only ones stream it like `lite auto_gptq` (unless they have transforms).
 
-    A recipe is YAML with `data` (calib_dataset, calib_samples, calib_seqlen, seed), `steps` (names
-    from the step registry, each optionally with settings) and `format` (lmdeploy, compressed-tensors,
-    awq or gptq); see configs/recipes/*.yaml and README, "Recipes". Steps: fuse_norms (fold each
+    A recipe is YAML with `data` (calib_dataset, calib_samples, calib_seqlen, seed,
+    moe_calibrate_all_experts), `steps` (names from the step registry, each optionally with settings)
+    and `format` (lmdeploy, compressed-tensors, awq or gptq); see configs/recipes/*.yaml and README, "Recipes". Steps: fuse_norms (fold each
     norm's weight into the linears it feeds), rotate (turn the residual stream by a randomized
     Hadamard matrix; after fuse_norms; setting seed), center_embeddings (refused on RMSNorm models
     unless force: true), smoothquant (alpha, w_stat), static_scales (act_observer, act_percentile;

@@ -128,7 +128,8 @@ _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 # Sandwich norms (gemma2, gemma3): the norm feeding gate/up is the pre-feedforward one; the post norms
 # act on the attention and MLP outputs before the residual add.
 _GEMMA2 = Arch(
-    norm_pairs=(NormPair("input_layernorm", _QKV), NormPair("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
+    norm_pairs=(NormPair("input_layernorm", _QKV),
+                NormPair("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
     linear_pairs=_LLAMA.linear_pairs, norm_offset=1.0, rotatable=False,
 )
 
@@ -160,7 +161,8 @@ _STARCODER2 = Arch(
 
 # Llama's blocks under GPT-2-like checkpoint names, which transformers renames at load time.
 _EXAONE = replace(_LLAMA, checkpoint_names=(
-    ("^model.embed_tokens.", "^transformer.wte."), ("^model.layers.", "^transformer.h."), ("^model.norm.", "^transformer.ln_f."),
+    ("^model.embed_tokens.", "^transformer.wte."), ("^model.layers.", "^transformer.h."),
+    ("^model.norm.", "^transformer.ln_f."),
     (".self_attn.o_proj.", ".attn.attention.out_proj."), (".self_attn.q_proj.", ".attn.attention.q_proj."),
     (".self_attn.k_proj.", ".attn.attention.k_proj."), (".self_attn.v_proj.", ".attn.attention.v_proj."),
     (".input_layernorm.", ".ln_1."), (".post_attention_layernorm.", ".ln_2."),

@@ -69,7 +69,8 @@ def shrunk_config(config, vocab_size: int = 64):
     for width in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
         if isinstance(getattr(small, width, None), int):
             setattr(small, width, 16)
-    if isinstance(getattr(small, "num_experts", None), int) and isinstance(getattr(small, "num_experts_per_tok", None), int):
+    experts, top_k = getattr(small, "num_experts", None), getattr(small, "num_experts_per_tok", None)
+    if isinstance(experts, int) and isinstance(top_k, int):
         small.num_experts_per_tok = min(small.num_experts_per_tok, 2)
         small.num_experts = max(2, small.num_experts_per_tok)
     for name in ("bos_token_id", "eos_token_id"):
