@@ -26,7 +26,7 @@ from lite.observers import ActSettings
 from lite.smooth import check_finite, check_folding_fits, migration_scales
 from lite.source import Loaded
 from lite.steps.smoothquant import SCALES
-from lite.steps.stats import INPUTS_STATS, OUTPUTS_STATS, collect_statistics
+from lite.steps.stats import INPUTS_STATS, OUTPUTS_STATS
 from lite.settings import (CalibSettings, SmoothSettings, calib_record, check_batch_size, check_quant_dtype,
                            describe_calib, export_settings, smoothing_record)
 from lite.workdir import MANIFEST, WorkDir, locked_work_dir
@@ -167,13 +167,17 @@ def check_disk_space(loaded, out_dir: str) -> None:
 
 def run_calibrate(loaded: LoadedModel, work: WorkDir, calib: CalibSettings, batch_size: int, device: str,
                   dtype: str) -> dict:
-    """Collect statistics and write both stats files; returns inputs_stats."""
+    """Collect statistics and write the stats files; returns inputs_stats."""
+    from lite.steps.stats import Statistics
+    from lite.sweep import sweep
+
     tokens = calibration_tokens(loaded.tokenizer, calib.calib_dataset, calib.calib_samples,
                                 calib.calib_seqlen, calib.seed, loaded.config.vocab_size)
-    inputs, outputs = collect_statistics(loaded.model, loaded.arch, tokens, batch_size, device,
-                                         all_experts=calib.moe_calibrate_all_experts)
-    work.save("statistics", calib_record(calib, dtype), {INPUTS_STATS: inputs, OUTPUTS_STATS: outputs})
-    return inputs
+    stats = Statistics()
+    sweep(Loaded(loaded.model, loaded.arch), [stats], tokens, batch_size=batch_size, device=device,
+          all_experts=calib.moe_calibrate_all_experts)
+    work.save("statistics", calib_record(calib, dtype), stats.artifacts())
+    return stats.inputs
 
 
 def reusable_statistics(loaded, work, calib, dtype) -> dict | None:

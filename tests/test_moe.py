@@ -160,6 +160,10 @@ def test_streamed_moe_checkpoint_is_written_per_expert_with_float_routers(tmp_pa
         for name in ("gate", "shared_expert_gate"):
             assert saved[f"{p}.{name}.weight"].dtype == torch.float32
         assert not any(k.startswith(f"{p}.experts.gate_up_proj") for k in saved)
+    # The routing histogram is kept beside the statistics: every block's counts sum to tokens x top-k.
+    routed = torch.load(tmp_path / "w" / "routed_tokens.pth", weights_only=True)
+    assert set(routed) == {"model.layers.0", "model.layers.1"}
+    assert all(int(counts.sum()) == 4 * 64 * config.num_experts_per_tok for counts in routed.values())
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     listed = qc["ignore"] if fmt == "compressed-tensors" else qc["modules_to_not_convert"]
     routers = [f"model.layers.{i}.mlp.{name}" for i in range(2) for name in ("gate", "shared_expert_gate")]

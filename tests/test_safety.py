@@ -121,7 +121,7 @@ def test_smooth_reuses_the_statistics_calibrate_made_with_custom_data(tmp_path, 
     stats = snapshot(work)
     from lite import pipeline
 
-    monkeypatch.setattr(pipeline, "collect_statistics", lambda *a, **k: pytest.fail("calibrated again"))
+    monkeypatch.setattr(pipeline, "run_calibrate", lambda *a, **k: pytest.fail("calibrated again"))
     capsys.readouterr()
 
     main(["smooth", "tiny:llama", "--work-dir", str(work), "--device", "cpu"])

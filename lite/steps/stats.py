@@ -1,14 +1,18 @@
 """`statistics`: per-channel activation statistics of every quantized linear's input and output and of
-the norms feeding them, in lmdeploy's layout (`inputs_stats.pth`, `outputs_stats.pth`)."""
+the norms feeding them, in lmdeploy's layout (`inputs_stats.pth`, `outputs_stats.pth`); for a MoE model
+also the tokens routing sent each expert of each block (`routed_tokens.pth`)."""
 
 import torch
 
 from lite.archs import quantized_linears
 from lite.calibrate import STATS, RunningStats, store_statistics
 from lite.errors import warn
+from lite.moe import experts_of
 from lite.steps.base import Block, Hook, Step
 
 INPUTS_STATS, OUTPUTS_STATS = "inputs_stats.pth", "outputs_stats.pth"
+# MoE models: `{block fqn: int64 (experts,)}`, the calibration tokens the model's routing sent each expert.
+ROUTED_TOKENS = "routed_tokens.pth"
 
 
 class Statistics(Step):
@@ -18,6 +22,7 @@ class Statistics(Step):
     def __init__(self):
         self.inputs = {k: {} for k in STATS}
         self.outputs = {k: {} for k in STATS}
+        self.routed = {}
         self._observed = None
 
     def observers(self, block: Block) -> list[Hook]:
@@ -48,12 +53,16 @@ class Statistics(Step):
                  "smoothed (--moe-calibrate-all-experts true gives every expert every token)")
             observed_in = {fqn: stats for fqn, stats in observed_in.items() if stats.count}
             observed_out = {fqn: stats for fqn, stats in observed_out.items() if stats.count}
+        experts = experts_of(block.module, block.arch)
+        if experts is not None:  # counted in the forward just observed
+            self.routed[block.prefix] = experts.routed_tokens.cpu().clone()
         block.absmax = {fqn: stats.absmax for fqn, stats in observed_in.items()}
         store_statistics(observed_in, observed_out, self.inputs, self.outputs)
         self._observed = None
 
     def artifacts(self) -> dict:
-        return {INPUTS_STATS: self.inputs, OUTPUTS_STATS: self.outputs}
+        routed = {ROUTED_TOKENS: self.routed} if self.routed else {}
+        return {INPUTS_STATS: self.inputs, OUTPUTS_STATS: self.outputs, **routed}
 
 
 @torch.no_grad()
