@@ -216,7 +216,7 @@ def check_folding_fits(config, arch: Arch, trust_remote_code: bool = False) -> N
     from lite.model import shrunk_config
     from lite.moe import unfuse_experts_
 
-    key = (config.to_json_string(), id(arch))
+    key = (config.to_json_string(), arch)
     if key in _FITS:
         return
     small = shrunk_config(config)
