@@ -140,11 +140,15 @@ def test_migration_scale_layout(tiny_model, tokens, tmp_path):
     float_readers = {from_checkpoint(arch, name) for name in float_in_blocks(tiny_model)}  # MoE routers: float
     linear_names = [name for name, m in tiny_model.named_modules() if isinstance(m, torch.nn.Linear)
                     and ".layers." in name and name not in float_readers]
+    # The linears a smoothing pair of the record multiplies (float readers aside): each must have its factor.
+    smoothed = {f"{prefix}.{name}" for prefix in blocks_of(tiny_model)
+                for name in [n for pair in arch.norm_pairs for n in pair.linears if n not in arch.keep_float]
+                + [pair.consumer for pair in arch.linear_pairs]}
     for name in linear_names:
         ms = saved[f"{name}.migration_scale"]
         assert ms.dtype == torch.float32
         assert ms.shape == (tiny_model.get_submodule(name).in_features,)
-        expected = scales[name] if name in scales and name not in unsmoothed else torch.ones_like(ms)
+        expected = scales[name] if name in smoothed and name not in unsmoothed else torch.ones_like(ms)
         assert torch.equal(ms, expected), name
     for prefix in blocks_of(tiny_model):
         for pair in arch.norm_pairs:
