@@ -23,6 +23,23 @@ def _up_rows_of_gate_up(config) -> slice:
     return slice(config.intermediate_size, 2 * config.intermediate_size)
 
 
+def _value_rows_of_kv_b(config):
+    """Rows of multi-head latent attention's `kv_b_proj` that produce V: each head's rows are its
+    `qk_nope_head_dim` key rows, then its `v_head_dim` value rows (DeepSeek-V3)."""
+    import torch
+
+    nope, v = config.qk_nope_head_dim, config.v_head_dim
+    return (torch.arange(config.num_attention_heads)[:, None] * (nope + v) + nope + torch.arange(v)).flatten()
+
+
+def num_experts(config) -> int | None:
+    """The number of routed experts, under any of the names configs give it."""
+    for name in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
+
+
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -43,7 +60,8 @@ class NormPair:
 class LinearPair:
     """A linear whose output channels feed `consumer`'s input channels one to one.
 
-    `producer_rows` selects the producing rows of a packed weight (None: all rows). With
+    `producer_rows` selects the producing rows of a packed weight, as a slice or an index tensor (None: all
+    rows). With
     `per_kv_head`, the consumer reads attention output: its `num_attention_heads * head_dim` input
     channels map onto the producer's `num_key_value_heads * head_dim` V channels (grouped-query
     attention repeats each KV head over its group of query heads).
@@ -83,6 +101,18 @@ class Arch:
     # Mixture-of-Experts: the experts module of a block (`lite.moe.Experts` once unfused). Names holding
     # `{e}` stand for every expert; `arch_for` writes them out for the config's number of experts.
     experts: str | None = None
+    # A MoE family whose models may also have dense blocks (DeepSeek's first layers, `mlp_only_layers`): the
+    # record of those blocks. `arch_for` sets `dense_blocks` from the config; `of_block` picks the record.
+    dense: "Arch | None" = None
+    dense_blocks: frozenset[int] = frozenset()
+
+    def of_block(self, i: int) -> "Arch":
+        """The record of decoder block `i`."""
+        return self.dense if i in self.dense_blocks else self
+
+    def at(self, prefix: str) -> "Arch":
+        """The record of the block named `prefix` (`model.layers.3`)."""
+        return self.of_block(int(prefix.rsplit(".", 1)[1])) if self.dense_blocks else self
 
     def for_experts(self, n: int) -> "Arch":
         """This record with every `{e}` name written out for experts 0 .. n-1."""
@@ -182,6 +212,7 @@ _QWEN3_MOE = Arch(
     keep_float=("mlp.gate",),
     residual_writers=("self_attn.o_proj", _EXPERT + "down_proj"),
     experts="mlp.experts",
+    dense=_LLAMA,  # `mlp_only_layers`, `decoder_sparse_step`
 )
 
 # Qwen2-MoE adds a shared expert, always on, scaled by sigmoid(shared_expert_gate(x)) (a float linear).
@@ -196,9 +227,55 @@ _QWEN2_MOE = Arch(
     keep_float=("mlp.gate", "mlp.shared_expert_gate"),
     residual_writers=("self_attn.o_proj", _EXPERT + "down_proj", "mlp.shared_expert.down_proj"),
     experts="mlp.experts",
+    dense=_LLAMA,
 )
 
 # Mixtral: Qwen3-MoE's blocks in memory; on disk `block_sparse_moe.experts.{e}.w1/w3/w2` (gate, up, down).
+# DeepSeek-V3: multi-head latent attention (queries and keys/values through a low-rank linear and a
+# norm each; V comes from `kv_b_proj`'s value rows), a routed MoE with a shared expert and a router with
+# a score-correction bias, and dense first blocks (`first_k_dense_replace`).
+_MLA = (
+    NormPair("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")),
+    NormPair("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),
+    NormPair("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",)),
+)
+_MLA_V_O = LinearPair("self_attn.kv_b_proj", "self_attn.o_proj", _value_rows_of_kv_b)
+_DEEPSEEK_V3 = Arch(
+    norm_pairs=_MLA + (
+        NormPair("post_attention_layernorm", (_EXPERT + "gate_proj", _EXPERT + "up_proj",
+                                              "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj",
+                                              "mlp.gate")),
+    ),
+    linear_pairs=(_MLA_V_O, LinearPair(_EXPERT + "up_proj", _EXPERT + "down_proj"),
+                  LinearPair("mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj")),
+    keep_float=("mlp.gate",),
+    residual_writers=("self_attn.o_proj", _EXPERT + "down_proj", "mlp.shared_experts.down_proj"),
+    rotatable=False,  # the readers of q_a_layernorm and kv_a_layernorm are not on the residual stream
+    experts="mlp.experts",
+    dense=Arch(norm_pairs=_MLA + (_LLAMA.norm_pairs[1],), linear_pairs=(_MLA_V_O, _LLAMA.linear_pairs[1]),
+               rotatable=False),
+)
+# Without a query LoRA (DeepSeek-V2-Lite's shape), q_proj reads the input norm.
+_DEEPSEEK_V3_NO_Q_LORA = replace(
+    _DEEPSEEK_V3,
+    norm_pairs=(NormPair("input_layernorm", ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")),
+                _MLA[2], _DEEPSEEK_V3.norm_pairs[3]),
+    dense=replace(_DEEPSEEK_V3.dense, norm_pairs=(NormPair("input_layernorm", ("self_attn.q_proj",
+                                                                                "self_attn.kv_a_proj_with_mqa")),
+                                                  _MLA[2], _LLAMA.norm_pairs[1])),
+)
+
+# gpt_oss: experts with biases and a clamped gate, (up + 1) * gate * sigmoid(alpha * gate), through which
+# no factor passes (no up -> down pair); a router with a bias (`mlp.router`); attention sinks.
+_GPT_OSS = Arch(
+    norm_pairs=(_LLAMA.norm_pairs[0],
+                NormPair("post_attention_layernorm", (_EXPERT + "gate_proj", _EXPERT + "up_proj", "mlp.router"))),
+    linear_pairs=(_LLAMA.linear_pairs[0],),
+    keep_float=("mlp.router",),
+    residual_writers=("self_attn.o_proj", _EXPERT + "down_proj"),
+    experts="mlp.experts",
+)
+
 _MIXTRAL = replace(_QWEN3_MOE, checkpoint_names=(
     (".mlp.experts.", ".block_sparse_moe.experts."), (".mlp.gate.", ".block_sparse_moe.gate."),
     (".gate_proj.", ".w1."), (".up_proj.", ".w3."), (".down_proj.", ".w2."),
@@ -237,11 +314,14 @@ ARCHS: dict[str, Arch] = {
     "stablelm": _STABLELM,
     "phi": _PHI,
     "starcoder2": _STARCODER2,
-    # Mixture-of-Experts, every layer sparse; experts unfused into one linear each (`lite.moe`).
+    # Mixture-of-Experts; experts unfused into one linear each (`lite.moe`), dense blocks where the config
+    # has them.
     "qwen3_moe": _QWEN3_MOE,
     "olmoe": _QWEN3_MOE,
     "qwen2_moe": _QWEN2_MOE,
     "mixtral": _MIXTRAL,
+    "deepseek_v3": _DEEPSEEK_V3,
+    "gpt_oss": _GPT_OSS,
 }
 
 
@@ -276,13 +356,25 @@ def arch_for(config) -> Arch:
             "(to add one, give it a record in lite/archs.py)"
         )
     arch = ARCHS[model_type]
+    if model_type == "deepseek_v3" and getattr(config, "q_lora_rank", None) is None:
+        arch = _DEEPSEEK_V3_NO_Q_LORA
     if arch.experts is None:
         return arch
-    sparse_step, dense = getattr(config, "decoder_sparse_step", 1), getattr(config, "mlp_only_layers", None) or []
-    if sparse_step != 1 or dense:
-        raise LiteError(f"this {model_type} model mixes dense and MoE layers (mlp_only_layers={dense}, "
-                        f"decoder_sparse_step={sparse_step}); lite quantizes only models whose every layer is MoE")
-    return arch.for_experts(config.num_experts)
+    dense = dense_blocks(config)
+    if dense and arch.dense is None:
+        raise LiteError(f"this {model_type} model mixes dense and MoE layers (dense: {sorted(dense)}); lite "
+                        f"quantizes {model_type} models only when every layer is MoE")
+    arch = arch.for_experts(num_experts(config))
+    return replace(arch, dense_blocks=frozenset(dense)) if dense else arch
+
+
+def dense_blocks(config) -> set[int]:
+    """The blocks of a MoE config that have a dense MLP, by the rules of transformers' decoder layers."""
+    n = config.num_hidden_layers
+    if isinstance(getattr(config, "first_k_dense_replace", None), int):
+        return set(range(min(config.first_k_dense_replace, n)))
+    only, step = getattr(config, "mlp_only_layers", None) or [], getattr(config, "decoder_sparse_step", None) or 1
+    return {i for i in range(n) if i in only or (i + 1) % step != 0}
 
 
 def kv_group_index(config):
@@ -327,7 +419,8 @@ def float_in_blocks(model) -> list[str]:
     checkpoint's names (lmdeploy's `modules_to_not_convert`)."""
     arch = arch_for(model.config)
     layers = model.get_submodule(arch.blocks)
-    return [to_checkpoint(arch, f"{arch.blocks}.{i}.{name}") for i in range(len(layers)) for name in arch.keep_float]
+    return [to_checkpoint(arch, f"{arch.blocks}.{i}.{name}") for i in range(len(layers))
+            for name in arch.of_block(i).keep_float]
 
 
 def unquantized(model) -> list[str]:
@@ -341,7 +434,8 @@ def unquantized(model) -> list[str]:
 def check_record(arch: Arch, model) -> None:
     """Refuse a model the record does not describe, naming the first module that is missing or of the
     wrong kind (instead of a KeyError deep in a stage): the embeddings, blocks, final norm and lm_head,
-    and in block 0 every norm and linear the record names, the linears reading a norm as wide as it."""
+    and in the first block of each kind (dense, MoE) every norm and linear the record names, the linears
+    reading a norm as wide as it."""
     import torch.nn as nn
 
     model_type = getattr(model.config, "model_type", None)
@@ -361,7 +455,16 @@ def check_record(arch: Arch, model) -> None:
     blocks = get(model, arch.blocks, "the model")
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
         fail(f"{arch.blocks} is not a list of decoder blocks")
-    block, where = blocks[0], f"block {arch.blocks}.0"
+    firsts = {}  # the first block of each record (dense and MoE blocks of a model mixing them)
+    for i in range(len(blocks)):
+        firsts.setdefault(id(arch.of_block(i)), i)
+    for i in firsts.values():
+        _check_block(arch.of_block(i), blocks[i], f"block {arch.blocks}.{i}", get, fail)
+
+
+def _check_block(arch: Arch, block, where: str, get, fail) -> None:
+    import torch.nn as nn
+
     for pair in arch.norm_pairs:
         norm = get(block, pair.norm, where)
         width = getattr(getattr(norm, "weight", None), "shape", (None,))[0]

@@ -131,7 +131,7 @@ def quantize_block_(block: nn.Module, prefix: str, arch, config, qdtype: torch.d
 
 
 def swap_linears_(block: nn.Module, prefix: str, arch, qdtype: torch.dtype, input_scales: dict) -> None:
-    for name in quantized_linears(arch, block):
+    for name in quantized_linears(arch.at(prefix), block):
         block.set_submodule(name, QLinear.from_linear(block.get_submodule(name), qdtype,
                                                       input_scale=input_scales.get(f"{prefix}.{name}")))
 

@@ -51,6 +51,7 @@ def quantize_block_(block: nn.Module, prefix: str, arch: Arch, config, qdtype: t
     Scales are folded into producers, or, with `export_migration_scale`, stored on every QLinear
     (ones where a linear is not smoothed) and the norms stay float.
     """
+    arch = arch.at(prefix)
     for name, p in block.named_parameters():
         check_finite(f"{prefix}.{name}", p.detach(), "weight")
     if not export_migration_scale:
@@ -84,11 +85,11 @@ def quantized_skeleton(model: nn.Module, quant_dtype: str, export_migration_scal
     qmodel, arch, qdtype = copy.deepcopy(model).to("meta"), arch_for(model.config), quant_dtype_of(quant_dtype)
     for prefix, block in decoder_blocks(qmodel, arch).items():
         if qrmsnorm and not export_migration_scale:
-            for name in quantizing_norms(arch):
+            for name in quantizing_norms(arch.at(prefix)):
                 norm = block.get_submodule(name)
                 block.set_submodule(name, QRMSNorm(norm.weight.shape[0], 1e-6, arch.norm_offset, qdtype,
                                                    norm.weight.dtype, device="meta"))
-        for name in quantized_linears(arch, block):
+        for name in quantized_linears(arch.at(prefix), block):
             linear = block.get_submodule(name)
             block.set_submodule(name, QLinear(linear.in_features, linear.out_features, linear.bias is not None,
                                               qdtype, linear.weight.dtype, export_migration_scale, device="meta",
@@ -269,9 +270,9 @@ def load_quantized(folder: str) -> nn.Module:
     migration = bool(qc.get("migration_scale"))
     for prefix, block in decoder_blocks(model, arch).items():
         if not migration:
-            for norm in quantizing_norms(arch):
+            for norm in quantizing_norms(arch.at(prefix)):
                 block.set_submodule(norm, QRMSNorm.from_norm(block.get_submodule(norm), arch.norm_offset, qdtype))
-        for name in quantized_linears(arch, block):
+        for name in quantized_linears(arch.at(prefix), block):
             linear = block.get_submodule(name)
             block.set_submodule(name, QLinear(linear.in_features, linear.out_features, linear.bias is not None,
                                               qdtype, dtype, migration))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lite.archs import ARCHS, Arch, arch_for
+from lite.archs import ARCHS, Arch, arch_for, dense_blocks, num_experts
 from lite.errors import LiteError
 from lite.moe import unfuse_experts_
 from lite.quant import all_finite
@@ -48,8 +48,17 @@ def tiny_config(model_type: str, **overrides):
                         mlp_only_layers=[])
         if model_type == "qwen2_moe":
             settings.update(shared_expert_intermediate_size=48)
+    if model_type == "deepseek_v3":  # latent attention; block 0 dense, then MoE routed within 1 of 2 groups
+        settings.update(n_routed_experts=4, n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
+                        num_key_value_heads=8, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=8, num_hidden_layers=3)
+        del settings["num_experts"], settings["decoder_sparse_step"], settings["mlp_only_layers"]
     if getattr(AutoConfig.for_model(model_type), "sliding_window", None) is not None or model_type == "qwen2":
         settings["sliding_window"] = TINY_SLIDING_WINDOW
+    rope = dict(getattr(AutoConfig.for_model(model_type), "rope_parameters", None) or {})
+    if "original_max_position_embeddings" in rope and "factor" in rope:  # YaRN (gpt_oss): the same stretch
+        settings["rope_parameters"] = {**rope, "original_max_position_embeddings":
+                                       settings["max_position_embeddings"] // int(rope["factor"])}
     settings.update(overrides)
     return AutoConfig.for_model(model_type, **settings)
 
@@ -64,15 +73,25 @@ def shrunk_config(config, vocab_size: int = 64):
     types = list(getattr(config, "layer_types", None) or [])
     layers = max([types.index(t) for t in set(types)], default=0) + 1
     small.num_hidden_layers, small.vocab_size, small.pad_token_id = layers, vocab_size, None
-    if types:
-        small.layer_types = types[:layers]
     for width in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
         if isinstance(getattr(small, width, None), int):
             setattr(small, width, 16)
-    experts, top_k = getattr(small, "num_experts", None), getattr(small, "num_experts_per_tok", None)
-    if isinstance(experts, int) and isinstance(top_k, int):
+    if isinstance(num_experts(small), int) and isinstance(getattr(small, "num_experts_per_tok", None), int):
         small.num_experts_per_tok = min(small.num_experts_per_tok, 2)
-        small.num_experts = max(2, small.num_experts_per_tok)
+        for name in ("num_experts", "num_local_experts", "n_routed_experts"):
+            if isinstance(getattr(small, name, None), int):
+                setattr(small, name, max(2, small.num_experts_per_tok))
+        if isinstance(getattr(small, "n_group", None), int):  # DeepSeek's group-limited routing: one group
+            small.n_group = small.topk_group = 1
+        dense = dense_blocks(config)  # a dense and a MoE block, where the model has both
+        if dense and len(dense) < config.num_hidden_layers:
+            small.num_hidden_layers = max(small.num_hidden_layers, 2)
+            if isinstance(getattr(small, "first_k_dense_replace", None), int):
+                small.first_k_dense_replace = 1
+            else:
+                small.mlp_only_layers, small.decoder_sparse_step = [0], 1
+    if types:
+        small.layer_types = types[:small.num_hidden_layers]
     for name in ("bos_token_id", "eos_token_id"):
         if isinstance(getattr(small, name, None), int) and getattr(small, name) >= vocab_size:
             setattr(small, name, 0)
@@ -107,8 +126,10 @@ def build_tiny(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
                 p.uniform_(0.5, 1.5) if ARCHS[model_type].norm_offset == 0 else p.uniform_(-0.5, 0.5)
             elif name.endswith("norm.bias"):  # LayerNorm biases start at zero
                 p.uniform_(-0.2, 0.2)
-            elif name.endswith("mlp.gate.weight"):  # routers start at zero: give them real preferences
-                p.normal_(0, 0.5)
+            elif name.endswith(("mlp.gate.weight", "mlp.router.weight")):  # routers start at zero: give them
+                p.normal_(0, 0.5)                                           # real preferences
+            elif name.endswith(("mlp.router.bias", "self_attn.sinks")) or (".experts." in name and name.endswith(".bias")):
+                p.normal_(0, 0.3)  # gpt_oss: biases of the router and the experts, attention sinks
     return model.eval()
 
 
@@ -179,6 +200,17 @@ def read_config(source: str, trust_remote_code: bool = False):
                         f"lite supports model_type: {', '.join(sorted(ARCHS))}") from None
     arch_for(config)  # fail on an unsupported type before reading any weights
     return config
+
+
+def check_not_quantized(config, source: str) -> None:
+    """Refuse a checkpoint that is already quantized (its config has a `quantization_config`): lite starts
+    from float weights."""
+    qc = getattr(config, "quantization_config", None)
+    if qc:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
+        raise LiteError(f"{source} is already quantized (quantization_config, quant_method {method!r}); lite "
+                        "quantizes float checkpoints: pass the bf16/fp16 original (DeepSeek-V3's fp8 release: "
+                        "convert it to bf16 first)")
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):

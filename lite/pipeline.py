@@ -126,6 +126,8 @@ def open_source(model: str, work_path: str, dtype: str, trust_remote_code: bool,
     model = str(model)
     if streamable and not model.startswith(models.TINY_PREFIX) and models.local_folder(model) is None:
         model = models.download(model)
+    if not model.startswith(models.TINY_PREFIX):
+        models.check_not_quantized(models.read_config(model, trust_remote_code), model)
     if streamable and stream.is_streamable(model):
         sm = source.open_streamed(model, dtype, trust_remote_code)
         if sm is not None:

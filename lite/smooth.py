@@ -107,14 +107,15 @@ def migration_scales(
     normalize = w_stat == "lmdeploy"
     scales = {}
     for prefix, block in blocks.items():
-        for pair in arch.norm_pairs:
+        block_arch = arch.at(prefix)
+        for pair in block_arch.norm_pairs:
             # Float readers (routers) take the factor when it is folded, but their weights do not shape it.
-            quantized = [name for name in pair.linears if name not in arch.keep_float]
+            quantized = [name for name in pair.linears if name not in block_arch.keep_float]
             names = [f"{prefix}.{name}" for name in quantized]
             weights = [block.get_submodule(name).weight.detach() for name in quantized]
             s = smoothing_factors(act_absmax[names[0]], weight_statistic(weights, w_stat), alpha, normalize)
             scales.update({name: s for name in names})
-        for pair in arch.linear_pairs:
+        for pair in block_arch.linear_pairs:
             consumer = f"{prefix}.{pair.consumer}"
             if consumer not in act_absmax and arch.experts and pair.consumer.startswith(arch.experts + "."):
                 continue  # an expert no calibration token reached (warned when the statistics were made)
@@ -151,9 +152,16 @@ def divide_norm_(norm: nn.Module, s: torch.Tensor, offset: float) -> None:
 
 
 @torch.no_grad()
-def divide_rows_(linear: nn.Linear, s: torch.Tensor, rows: slice) -> None:
-    """Fold 1/s into the output rows `rows` of a producing linear (weight and bias)."""
+def divide_rows_(linear: nn.Linear, s: torch.Tensor, rows: slice | torch.Tensor) -> None:
+    """Fold 1/s into the output rows `rows` (a slice, or an index tensor) of a producing linear (weight and
+    bias)."""
     w = linear.weight
+    if isinstance(rows, torch.Tensor):  # scattered rows (MLA's value rows): a small weight, in one piece
+        rows = rows.to(w.device)
+        w[rows] = (w[rows].float() / s[:, None]).to(w.dtype)
+        if linear.bias is not None:
+            linear.bias[rows] = (linear.bias[rows].float() / s).to(linear.bias.dtype)
+        return
     first, last, _ = rows.indices(w.shape[0])
     for chunk in row_chunks(last - first, w.shape[1], first):
         w[chunk] = (w[chunk].float() / s[chunk.start - first:chunk.stop - first, None]).to(w.dtype)
@@ -174,6 +182,7 @@ def producer_factor(pair: LinearPair, config, s_consumer: torch.Tensor) -> torch
 
 def fold_scales_(block: nn.Module, prefix: str, arch: Arch, config, scales: dict[str, torch.Tensor]) -> None:
     """Fold migration scales into one block: producers divided, consumers multiplied."""
+    arch = arch.at(prefix)
     for pair in arch.norm_pairs:
         # Every reader of the norm takes its factor; float readers (routers) have none listed.
         names = [f"{prefix}.{name}" for name in pair.linears if name not in arch.keep_float]
@@ -234,13 +243,13 @@ def check_folding_fits(config, arch: Arch, trust_remote_code: bool = False) -> N
     before = model(input_ids=tokens, use_cache=False).logits
     blocks = model.get_submodule(small_arch.blocks)
     for i, block in enumerate(blocks):
-        prefix = f"{small_arch.blocks}.{i}"
+        prefix, block_arch = f"{small_arch.blocks}.{i}", small_arch.of_block(i)
         scales = {}
-        for pair in small_arch.norm_pairs:
+        for pair in block_arch.norm_pairs:
             width = block.get_submodule(pair.norm).weight.shape[0]
             s = torch.rand(width, generator=generator) * 1.5 + 0.5
             scales.update({f"{prefix}.{name}": s for name in pair.linears})
-        for pair in small_arch.linear_pairs:
+        for pair in block_arch.linear_pairs:
             size = block.get_submodule(pair.consumer).in_features
             if pair.per_kv_head:
                 index = kv_group_index(small)

@@ -14,7 +14,7 @@ import torch.nn as nn
 from lite.archs import arch_for, to_checkpoint
 from lite.model import LoadedModel, config_hash, decoder_blocks, load_tokenizer, move_outside_blocks_, read_config, \
     resolve_dtype, shrunk_config
-from lite.moe import unfuse_experts_
+from lite.moe import Experts, FusedLayout, unfuse_experts_
 from lite.shards import ShardReader
 
 
@@ -37,6 +37,21 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, parameter: bool
         module._buffers[attr] = value
 
 
+def stored_location(model: nn.Module, arch, reader: ShardReader, name: str) -> tuple[str, tuple | None]:
+    """(the checkpoint tensor holding the model's tensor `name`, None or `(layout, expert, projection,
+    is_bias)` where it is one expert's part of a fused tensor on disk, as gpt_oss stores its experts)."""
+    stored = to_checkpoint(arch, name)
+    found = None if stored in reader else FusedLayout.fused_name(name)
+    if found is None:
+        return stored, None
+    fused, e, proj, bias = found
+    experts = model.get_submodule(fused.rsplit(".", 1)[0])
+    fused_stored = to_checkpoint(arch, fused)
+    if not isinstance(experts, Experts) or fused_stored not in reader:
+        return stored, None
+    return fused_stored, (experts.layout, e, proj, bias)
+
+
 def open_streamed(source: str, dtype: str = "auto", trust_remote_code: bool = False) -> StreamedModel | None:
     """The skeleton of a local safetensors model, or None when its blocks hold buffers we cannot rebuild."""
     from transformers import AutoModelForCausalLM
@@ -56,20 +71,26 @@ def open_streamed(source: str, dtype: str = "auto", trust_remote_code: bool = Fa
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     unfuse_experts_(model.eval(), arch)  # per-expert linears: the checkpoint's own names
     inside = arch.blocks + "."
-    if any(name.startswith(inside) for name, _ in model.named_buffers()):
-        return None
+    stored_in_blocks = {name for name in model.state_dict() if name.startswith(inside)}
+    if any(name.startswith(inside) and name not in stored_in_blocks for name, _ in model.named_buffers()):
+        return None  # a block buffer the checkpoint does not hold: made by the model's own constructor
     # Non-persistent buffers (rotary inv_freq, Gemma's embed_scale) come from the config, not the
     # checkpoint: build the model without blocks and with a tiny vocabulary, and take them from it.
     helper = dict(AutoModelForCausalLM.from_config(shrunk_config(config, vocab_size=8), dtype=torch_dtype,
                                                    trust_remote_code=trust_remote_code).named_buffers())
-    # The checkpoint's names are the model's, or the record maps them (`checkpoint_names`); a checkpoint
-    # that transformers maps otherwise (other prefixes, fused experts on disk) is loaded with transformers.
+    # The checkpoint's names are the model's, or the record maps them (`checkpoint_names`), or experts are
+    # stored fused (`stored_location`); a checkpoint that transformers maps otherwise (other prefixes) is
+    # loaded with transformers.
     tied = f"{arch.lm_head}.weight" if getattr(config, "tie_word_embeddings", False) else None
-    if any(to_checkpoint(arch, name) not in reader and name != tied for name, _ in model.named_parameters()):
+    if any(stored_location(model, arch, reader, name)[0] not in reader and name != tied
+           for name, _ in model.named_parameters()):
         return None
     for name, _ in list(model.named_buffers()):
         stored = to_checkpoint(arch, name)
-        if name in helper:
+        if name.startswith(inside):  # persistent (DeepSeek's routing bias): read with its block
+            if stored not in reader:
+                return None
+        elif name in helper:
             _set_tensor(model, name, helper[name].clone(), parameter=False)
         elif stored in reader:
             _set_tensor(model, name, reader.read([stored])[stored], parameter=False)
@@ -78,11 +99,11 @@ def open_streamed(source: str, dtype: str = "auto", trust_remote_code: bool = Fa
     return StreamedModel(model, tokenizer, source, source, reader, torch_dtype, opened_at)
 
 
-def _source_name(sm: StreamedModel, name: str) -> str:
-    """The checkpoint tensor a state-dict entry is loaded from (a tied lm_head reads the embeddings)."""
+def _source(sm: StreamedModel, name: str) -> tuple[str, tuple | None]:
+    """`stored_location` of a state-dict entry (a tied lm_head reads the embeddings)."""
     if getattr(sm.config, "tie_word_embeddings", False) and name == f"{sm.arch.lm_head}.weight":
         name = f"{sm.arch.embed}.weight"
-    return to_checkpoint(sm.arch, name)
+    return stored_location(sm.model, sm.arch, sm.reader, name)
 
 
 def streamed_weights_hash(sm: StreamedModel) -> str:
@@ -93,8 +114,12 @@ def streamed_weights_hash(sm: StreamedModel) -> str:
         name, t = item
         numel = t.numel()
         picks = list(range(0, numel, max(1, numel // 16)))[:16]
-        values = sm.reader.read_elements(_source_name(sm, name), picks)
-        return values.to(sm.dtype) if values.dtype.is_floating_point else values
+        stored, expert = _source(sm, name)
+        if expert is not None:  # the same elements, where the fused tensor holds them
+            layout, e, proj, bias = expert
+            picks = layout.flat_indices(sm.reader.entries[stored].shape, e, proj, bias, picks)
+        values = sm.reader.read_elements(stored, picks)
+        return values.to(t.dtype) if values.dtype.is_floating_point else values  # as loaded: the skeleton's dtype
 
     items = list(sm.model.state_dict().items())
     with ThreadPoolExecutor(16) as pool:
@@ -175,32 +200,41 @@ class Shards:
         a block, not the block (a MoE block is 1.2 GB)."""
         cuda = torch.device(device).type == "cuda"
         block = self.model.get_submodule(prefix)
-        names = [f"{prefix}.{n}" for n, _ in block.named_parameters()]
+        dtypes = {f"{prefix}.{n}": t.dtype for n, t in block.state_dict(keep_vars=True).items()}  # persistent buffers too
+        where = {name: stored_location(self.model, self.arch, self.reader, name) for name in dtypes}
         parts, size = [[]], 0
-        for name in names:
-            nbytes = self.reader.nbytes([to_checkpoint(self.arch, name)])
+        for stored in dict.fromkeys(stored for stored, _ in where.values()):  # a fused tensor once, for all experts
+            nbytes = self.reader.nbytes([stored])
             if parts[-1] and cuda and size + nbytes > FETCH_BYTES:
                 parts.append([])
                 size = 0
-            parts[-1].append(name)
+            parts[-1].append(stored)
             size += nbytes
-        tensors = {}
+        read = {}
         for part in parts:
-            stored = {to_checkpoint(self.arch, name): name for name in part}
-            read = {stored[n]: t for n, t in self.reader.read(list(stored), pin_memory=cuda).items()}
+            got = self.reader.read(part, pin_memory=cuda)
             if cuda:
                 with torch.cuda.stream(copy_stream):
-                    read = {n: t.to(device, non_blocking=True) for n, t in read.items()}
+                    got = {n: t.to(device, non_blocking=True) for n, t in got.items()}
                 copy_stream.synchronize()
-            tensors.update(read)
-        return {n: t.to(self.dtype) if t.is_floating_point() else t for n, t in tensors.items()}
+            read.update(got)
+        tensors = {}
+        for name, (stored, expert) in where.items():
+            t = read[stored]
+            if expert is not None:  # one expert's part of a fused tensor
+                layout, e, proj, bias = expert
+                t = layout.take(t, e, proj, bias).contiguous()
+            # Each in its dtype in the skeleton, as transformers loads it (DeepSeek's router stays fp32 in bf16).
+            tensors[name] = t.to(dtypes[name]) if t.is_floating_point() else t
+        return tensors
 
     def attach(self, prefix: str, block: nn.Module, tensors: dict[str, torch.Tensor], device) -> None:
         cuda = torch.device(device).type == "cuda"
+        buffers = {f"{prefix}.{n}" for n, _ in block.named_buffers()}
         for name, t in tensors.items():
             if cuda:  # allocated on the copy stream: not to be reused before this stream's work is done
                 t.record_stream(torch.cuda.current_stream(device))
-            _set_tensor(self.model, name, t, parameter=True)
+            _set_tensor(self.model, name, t, parameter=name not in buffers)
 
     def release(self, prefix: str, block: nn.Module) -> None:
         block.to("meta")
@@ -216,8 +250,10 @@ class Shards:
         _set_tensor(self.model, self.embed_name, embed, parameter=True)
 
     def outside_to(self, device) -> None:
+        inside = self.arch.blocks + "."
         for name, b in list(self.model.named_buffers()):
-            _set_tensor(self.model, name, b.to(device), parameter=False)
+            if not name.startswith(inside):  # a block's own buffers come with its weights
+                _set_tensor(self.model, name, b.to(device), parameter=False)
 
     def outside_done(self) -> None:
         _set_tensor(self.model, self.embed_name, torch.empty(self.shape(self.embed_name), dtype=self.dtype,

@@ -277,13 +277,13 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
             del weights
             for name, p in module.named_parameters():  # before the forward: a NaN is named where it is
                 check_finite(f"{prefix}.{name}", p, "weight")
-            block = Block(i, prefix, module, arch, config)
+            block = Block(i, prefix, module, arch.of_block(i), config)
             for step in steps:
                 step.prepare_(block)
             hooks = [hook for step in steps for hook in step.observers(block)]
             if hooks:
                 assert tokens is not None, "a step observes activations, but the sweep was given no tokens"
-                with removing(_attach(module, hooks)), every_expert_sees_all_tokens(module, arch, all_experts) as moe:
+                with removing(_attach(module, hooks)), every_expert_sees_all_tokens(module, block.arch, all_experts) as moe:
                     forward(module, i, keep=not propagate_quantized)
                 if moe is not None:
                     routed = summary.setdefault("routed_tokens", {})[prefix] = moe.routed_tokens.cpu().tolist()

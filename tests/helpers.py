@@ -81,3 +81,37 @@ def save_tiny(folder, model_type="llama", **overrides):
     model.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return model
+
+
+def fused_model(model_type: str, dtype=torch.float32) -> torch.nn.Module:
+    """transformers' own model (fused 3-D experts) with the weights of `build_tiny(model_type)`."""
+    from transformers import AutoModelForCausalLM
+
+    from lite.model import tiny_config
+
+    unfused = build_tiny(model_type, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=dtype).eval()
+    state = unfused.state_dict()
+    arch = arch_for(model.config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # The fused layouts, as transformers documents them: [gate; up] rows, or (gpt_oss) gate and up
+            # interleaved, stored transposed `(E, H, 2I)`, with biases.
+            experts = model.get_submodule(name.rsplit(".", 1)[0])
+            interleaved, transposed = not getattr(experts, "is_concatenated", True), getattr(experts, "is_transposed", False)
+            kind = name.rsplit(".", 1)[1].removesuffix("_bias")
+            if kind in ("gate_up_proj", "down_proj") and name.rsplit(".", 1)[0].endswith("experts"):
+                prefix, what = name.rsplit(".", 1)[0] + ".", "bias" if name.endswith("_bias") else "weight"
+                per = []
+                for e in range(p.shape[0]):
+                    if kind == "down_proj":
+                        t = state[f"{prefix}{e}.down_proj.{what}"]
+                    else:
+                        g, u = state[f"{prefix}{e}.gate_proj.{what}"], state[f"{prefix}{e}.up_proj.{what}"]
+                        t = torch.stack([g, u], 1).flatten(0, 1) if interleaved else torch.cat([g, u])
+                    per.append(t.T if transposed and what == "weight" else t)
+                p.copy_(torch.stack(per))
+            else:
+                p.copy_(state[name])
+    assert arch.experts is not None
+    return model

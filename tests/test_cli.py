@@ -56,7 +56,7 @@ def block_modules(model, kind):
             if kind == "linear" and isinstance(m, torch.nn.Linear):
                 out[f"{prefix}.{name}"] = m
         if kind == "norm":
-            out.update({f"{prefix}.{p.norm}": block.get_submodule(p.norm) for p in arch.norm_pairs})
+            out.update({f"{prefix}.{p.norm}": block.get_submodule(p.norm) for p in arch.at(prefix).norm_pairs})
     return out
 
 

@@ -458,3 +458,16 @@ def test_checkpoint_names_transformers_maps_at_load_time_are_loaded_not_streamed
     main(["smooth_quant", str(folder), "--work-dir", str(work), *CALIB])
 
     assert (work / "quantized" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["lmdeploy", "compressed-tensors"])
+def test_a_quantized_checkpoint_given_as_the_model_is_refused(tmp_path, capsys, fmt):
+    """A checkpoint lite (or another tool) already quantized is not a float model to start from."""
+    main(["smooth_quant", "tiny:llama", "--work-dir", str(tmp_path / "w"), "--format", fmt, *CALIB])
+    capsys.readouterr()
+    quantized, work = tmp_path / "w" / "quantized", tmp_path / "again"
+
+    message = lite_error(capsys, "smooth_quant", quantized, "--work-dir", work, *CALIB)
+
+    assert "already quantized" in message and "float" in message
+    assert not work.exists()

@@ -119,9 +119,9 @@ def test_weights_dequantize_within_half_a_step_of_the_smoothed_weights(tiny_mode
     quantized = quantized_copy(tiny_model, scales, False)
     arch = arch_of(tiny_model)
     for prefix, block in blocks_of(quantized).items():
-        for pair in arch.norm_pairs:
+        for pair in arch.at(prefix).norm_pairs:
             norm = block.get_submodule(pair.norm)
-            fused = not arch.layer_norm and not set(pair.linears) & set(arch.keep_float)
+            fused = not arch.layer_norm and not set(pair.linears) & set(arch.at(prefix).keep_float)
             assert isinstance(norm, QRMSNorm) == fused, pair.norm
             assert torch.equal(norm.weight, folded.get_submodule(f"{prefix}.{pair.norm}").weight)
 
@@ -131,7 +131,8 @@ def test_migration_scale_layout(tiny_model, tokens, tmp_path):
     linears with no factor carry ones; producers (norms, V / up rows) are left as they were."""
     arch = arch_of(tiny_model)
     scales = smoothing_scales(tiny_model, tokens)
-    unsmoothed = {f"{prefix}.{arch.linear_pairs[-1].consumer}" for prefix in blocks_of(tiny_model)}  # down_proj
+    unsmoothed = {f"{prefix}.{arch.at(prefix).linear_pairs[-1].consumer}" for prefix in blocks_of(tiny_model)}
+    # (down_proj)
     partial = {k: v for k, v in scales.items() if k not in unsmoothed}
     write_checkpoint(quantized_copy(tiny_model, partial, True), byte_tokenizer(), None, str(tmp_path / "q"))
 
@@ -142,8 +143,9 @@ def test_migration_scale_layout(tiny_model, tokens, tmp_path):
                     and ".layers." in name and name not in float_readers]
     # The linears a smoothing pair of the record multiplies (float readers aside): each must have its factor.
     smoothed = {f"{prefix}.{name}" for prefix in blocks_of(tiny_model)
-                for name in [n for pair in arch.norm_pairs for n in pair.linears if n not in arch.keep_float]
-                + [pair.consumer for pair in arch.linear_pairs]}
+                for name in [n for pair in arch.at(prefix).norm_pairs for n in pair.linears
+                             if n not in arch.at(prefix).keep_float]
+                + [pair.consumer for pair in arch.at(prefix).linear_pairs]}
     for name in linear_names:
         ms = saved[f"{name}.migration_scale"]
         assert ms.dtype == torch.float32
@@ -151,8 +153,9 @@ def test_migration_scale_layout(tiny_model, tokens, tmp_path):
         expected = scales[name] if name in smoothed and name not in unsmoothed else torch.ones_like(ms)
         assert torch.equal(ms, expected), name
     for prefix in blocks_of(tiny_model):
-        for pair in arch.norm_pairs:
-            vectors = [saved[f"{prefix}.{name}.migration_scale"] for name in pair.linears if name not in arch.keep_float]
+        for pair in arch.at(prefix).norm_pairs:
+            vectors = [saved[f"{prefix}.{name}.migration_scale"] for name in pair.linears
+                       if name not in arch.at(prefix).keep_float]
             assert all(torch.equal(v, vectors[0]) for v in vectors), pair.linears
             assert not torch.equal(vectors[0], torch.ones_like(vectors[0]))
             assert torch.equal(saved[f"{prefix}.{pair.norm}.weight"],

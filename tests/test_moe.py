@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from helpers import lite_error, logits, random_tokens
+from helpers import fused_model, lite_error, logits, random_tokens
 from lite.archs import ARCHS, arch_for
 from lite.cli.main import main
 from lite.errors import LiteError
@@ -29,26 +29,10 @@ MOE_TYPES = sorted(t for t, arch in ARCHS.items() if arch.experts is not None)
 CALIB = ["--calib-dataset", "sample", "--calib-samples", "4", "--calib-seqlen", "64", "--device", "cpu"]
 
 
-def fused_model(model_type: str) -> torch.nn.Module:
-    """transformers' own model (fused 3-D experts) with the weights of `build_tiny(model_type)`."""
-    unfused = build_tiny(model_type)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32).eval()
-    state = unfused.state_dict()
-    arch = arch_for(model.config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("experts.gate_up_proj"):
-                prefix = name.removesuffix("gate_up_proj")
-                n = p.shape[0]
-                p.copy_(torch.stack([torch.cat([state[f"{prefix}{e}.gate_proj.weight"],
-                                                state[f"{prefix}{e}.up_proj.weight"]]) for e in range(n)]))
-            elif name.endswith("experts.down_proj"):
-                prefix = name.removesuffix("down_proj")
-                p.copy_(torch.stack([state[f"{prefix}{e}.down_proj.weight"] for e in range(p.shape[0])]))
-            else:
-                p.copy_(state[name])
-    assert arch.experts is not None
-    return model
+def first_moe_block(model_type: str) -> int:
+    """The first block with experts (DeepSeek's first blocks are dense)."""
+    config = tiny_config(model_type)
+    return min(set(range(config.num_hidden_layers)) - arch_for(config).dense_blocks)
 
 
 def save_fused(folder, model_type: str) -> torch.nn.Module:
@@ -63,14 +47,14 @@ def save_fused(folder, model_type: str) -> torch.nn.Module:
 def test_unfused_experts_compute_what_the_fused_ones_do(model_type):
     tokens = random_tokens()
     unfused, fused = build_tiny(model_type), fused_model(model_type)
-    assert isinstance(unfused.model.layers[0].mlp.experts, Experts)
+    assert isinstance(unfused.model.layers[first_moe_block(model_type)].mlp.experts, Experts)
     assert (logits(unfused, tokens) - logits(fused, tokens)).abs().max() <= 1e-5
 
 
-def _block0_moe_inputs(model, tokens) -> torch.Tensor:
-    """The tokens the MoE layer of block 0 reads, `(tokens, hidden)`, from a hook on transformers' forward."""
+def _moe_inputs(model, b: int, tokens) -> torch.Tensor:
+    """The tokens the MoE layer of block `b` reads, `(tokens, hidden)`, from a hook on transformers' forward."""
     seen = []
-    handle = model.model.layers[0].mlp.register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    handle = model.model.layers[b].mlp.register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1])))
     with torch.no_grad():
         model(input_ids=tokens, use_cache=False)
     handle.remove()
@@ -80,33 +64,35 @@ def _block0_moe_inputs(model, tokens) -> torch.Tensor:
 @pytest.mark.parametrize("model_type", MOE_TYPES)
 def test_every_expert_is_calibrated_on_every_token_and_the_next_block_sees_real_routing(model_type):
     tokens = random_tokens()
-    fused = fused_model(model_type)
-    x = _block0_moe_inputs(fused, tokens)  # (tokens, hidden)
-    layer = fused.model.layers[0].mlp
+    fused, b = fused_model(model_type), first_moe_block(model_type)
+    x = _moe_inputs(fused, b, tokens)  # (tokens, hidden)
+    layer = fused.model.layers[b].mlp
+    experts = layer.experts
     with torch.no_grad():
-        chosen = layer.gate(x)[2]  # (tokens, top_k): transformers' own routing
-        act = fused.model.layers[0].mlp.experts.act_fn
-        n, two_i, _ = layer.experts.gate_up_proj.shape
+        chosen = (layer.router if hasattr(layer, "router") else layer.gate)(x)[2]  # (tokens, top_k): its routing
+        n = experts.gate_up_proj.shape[0]
     model = build_tiny(model_type)
     stats = Statistics()
     summary = sweep(Loaded(model, arch_for(model.config)), [stats], tokens, batch_size=2, progress=False)
     absmax = stats.inputs["absmax"]
     for e in range(n):
-        gate_up = layer.experts.gate_up_proj[e].detach()  # (2I, H)
-        with torch.no_grad():
-            h = act(x @ gate_up[:two_i // 2].T) * (x @ gate_up[two_i // 2:].T)  # (tokens, I): every token
-        got = absmax[f"model.layers.0.mlp.experts.{e}.down_proj"]
+        with torch.no_grad():  # (tokens, I): every token through transformers' own gate function
+            w = experts.gate_up_proj[e] if getattr(experts, "is_transposed", False) else experts.gate_up_proj[e].T
+            bias = experts.gate_up_proj_bias[e] if getattr(experts, "has_bias", False) else 0
+            h = experts._apply_gate(x @ w + bias)
+        got = absmax[f"model.layers.{b}.mlp.experts.{e}.down_proj"]
         assert torch.allclose(got, h.abs().amax(0), rtol=1e-5, atol=1e-6), e
     # The routed-token histogram is the model's own routing.
-    assert summary["routed_tokens"]["model.layers.0"] == torch.bincount(chosen.reshape(-1), minlength=n).tolist()
-    # Block 1 sees what it sees in the model's forward: its input norm's output equals a hook on it.
+    assert summary["routed_tokens"][f"model.layers.{b}"] == torch.bincount(chosen.reshape(-1), minlength=n).tolist()
+    # The next block sees what it sees in the model's forward: its input norm's output equals a hook on it.
     seen = []
-    handle = fused.model.layers[1].input_layernorm.register_forward_hook(lambda m, a, o: seen.append(o))
+    handle = fused.model.layers[b + 1].input_layernorm.register_forward_hook(lambda m, a, o: seen.append(o))
     with torch.no_grad():
         fused(input_ids=tokens, use_cache=False)
     handle.remove()
     expected = torch.cat([o.reshape(-1, o.shape[-1]) for o in seen]).abs().amax(0)
-    assert torch.allclose(absmax["model.layers.1.self_attn.q_proj"], expected, rtol=1e-5, atol=1e-6)
+    reader = arch_for(fused.config).of_block(b + 1).norm_pairs[0].linears[0]  # q_proj, or MLA's q_a_proj
+    assert torch.allclose(absmax[f"model.layers.{b + 1}.{reader}"], expected, rtol=1e-5, atol=1e-6)
 
 
 def _never_route(model, expert: int) -> None:
@@ -182,10 +168,37 @@ def test_weight_only_moe_quantizes_every_expert(tmp_path):
         assert f"model.layers.{i}.mlp.gate.weight" in names
 
 
-def test_a_model_mixing_dense_and_moe_layers_is_refused_in_one_line():
-    config = tiny_config("qwen3_moe", mlp_only_layers=[0])
+@pytest.mark.parametrize("model_type, dense", [("qwen3_moe", dict(mlp_only_layers=[1])),
+                                               ("qwen2_moe", dict(decoder_sparse_step=2)),
+                                               ("deepseek_v3", dict(first_k_dense_replace=2))])
+def test_a_model_mixing_dense_and_moe_blocks_is_quantized_block_by_block(tmp_path, model_type, dense):
+    """Each block by its own record: the dense blocks' MLP linears and the MoE blocks' experts are int8, the
+    routers float; the layout of transformers' config decides which block is which."""
+    config = tiny_config(model_type, num_hidden_layers=3, **dense)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    is_dense = [not hasattr(layer.mlp, "experts") for layer in model.model.layers]  # transformers' own layout
+    assert any(is_dense) and not all(is_dense)
+    src = tmp_path / "model"
+    model.save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    main(["smooth_quant", str(src), "--work-dir", str(tmp_path / "w"), "--format", "compressed-tensors", *CALIB])
+    written = ShardReader(str(tmp_path / "w" / "quantized")).entries
+    for i, dense_block in enumerate(is_dense):
+        p = f"model.layers.{i}.mlp"
+        if dense_block:
+            assert all(written[f"{p}.{n}.weight"].dtype == torch.int8 for n in ("gate_proj", "up_proj", "down_proj"))
+            assert not any(k.startswith(f"{p}.experts.") or k.startswith(f"{p}.gate.") for k in written)
+        else:
+            assert written[f"{p}.experts.3.down_proj.weight"].dtype == torch.int8
+            assert written[f"{p}.gate.weight"].dtype != torch.int8
+
+
+def test_a_family_without_a_dense_record_refuses_dense_blocks_in_one_line(monkeypatch):
+    import dataclasses
+
+    monkeypatch.setitem(ARCHS, "qwen3_moe", dataclasses.replace(ARCHS["qwen3_moe"], dense=None))
     with pytest.raises(LiteError, match="mixes dense and MoE layers"):
-        arch_for(config)
+        arch_for(tiny_config("qwen3_moe", mlp_only_layers=[0]))
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHS))

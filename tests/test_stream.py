@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import fused_model
 from lite import pipeline, source, stream
 from lite.folders import MARKER
 from lite.observers import ActSettings
@@ -18,9 +19,15 @@ from lite.sweep import plan_memory
 CALIB = CalibSettings("sample", 4, 48, 0)
 
 
+# Families whose checkpoints store the experts fused (3-D tensors), as transformers writes them.
+FUSED_ON_DISK = {"gpt_oss"}
+
+
 def save_model(tmp_path, model_type, **overrides):
     folder = str(tmp_path / "model")
-    build_tiny(model_type, dtype=torch.bfloat16, **overrides).save_pretrained(folder, max_shard_size="40KB")
+    model = fused_model(model_type, torch.bfloat16) if model_type in FUSED_ON_DISK else \
+        build_tiny(model_type, dtype=torch.bfloat16, **overrides)
+    model.save_pretrained(folder, max_shard_size="40KB")
     byte_tokenizer().save_pretrained(folder)
     return folder
 
@@ -66,6 +73,10 @@ def assert_same_folders(a, b):
     ("cohere2", {}, False, "compressed-tensors", "minmax"),  # one LayerNorm feeds attention and MLP
     ("olmo3", {}, False, "lmdeploy", "dynamic"),  # norms after attention and MLP only
     ("exaone", {}, False, "compressed-tensors", "dynamic"),  # checkpoint names transformers renames at load
+    ("deepseek_v3", {}, False, "lmdeploy", "dynamic"),  # latent attention; a dense block, then MoE blocks
+    ("deepseek_v3", {}, False, "compressed-tensors", "minmax"),
+    ("gpt_oss", {}, True, "lmdeploy", "dynamic"),  # experts fused on disk (transposed, interleaved, biases)
+    ("gpt_oss", {}, False, "compressed-tensors", "minmax"),
 ])
 def test_streamed_equals_full_load(tmp_path, monkeypatch, model_type, overrides, export_migration_scale, fmt, act):
     folder = save_model(tmp_path, model_type, **overrides)
