@@ -41,12 +41,18 @@ DEFAULT_MAX_GPU_MEMORY = "8GiB"
 
 # ---------------------------------------------------------------------------- memory planning
 
-def per_token_bytes(config, element_size: int) -> int:
+def per_token_bytes(config, element_size: int, seqlen: int) -> int:
     """An upper estimate of the activation bytes one token needs inside a block's forward with observers:
     the MLP's gate, up, act and product (`intermediate` wide, model dtype), the observer's fp32
-    copy and abs of the widest input, and a few `hidden`-wide temporaries of attention and norms."""
+    copy and abs of the widest input, and a few `hidden`-wide temporaries of attention and norms. A
+    model whose attention runs eagerly (gpt_oss's sinks: no SDPA) also holds a score row per head and
+    token: the scores, their fp32 softmax and the probabilities (measured: gpt-oss-20b's shape took
+    36 GiB of an 8 GiB budget without this term)."""
     hidden, inter = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
-    return (4 * element_size + 8) * inter + (8 * element_size + 16) * hidden
+    total = (4 * element_size + 8) * inter + (8 * element_size + 16) * hidden
+    if getattr(config, "_attn_implementation", None) == "eager":
+        total += config.num_attention_heads * (seqlen + 1) * (2 * element_size + 4)
+    return total
 
 
 def plan_memory(budget: int, block_bytes: int, sample_bytes: int, samples: int, per_sample: int,
@@ -156,7 +162,7 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
     if tokens is not None:
         budget = parse_size(max_gpu_memory) if cuda else 1 << 62
         samples, seqlen = tokens.shape
-        per_sample = seqlen * per_token_bytes(config, esize)
+        per_sample = seqlen * per_token_bytes(config, esize, seqlen)
         if cuda:
             on_device, batch_size = plan_memory(budget, block_bytes, seqlen * config.hidden_size * esize, samples,
                                                 per_sample, batch_size)

@@ -6,6 +6,8 @@ floors measured in the same run.
     python scripts/bench_pipeline.py --layers 4 --hidden 8192 --intermediate 28672 --heads 64   # 70B-shaped slice
     python scripts/bench_pipeline.py --experts 128 --top-k 8 --moe-intermediate 768 --hidden 2048 --heads 32 \
         --kv-heads 4 --head-dim 128 --vocab 151936 --layers 8 --no-floors   # Qwen3-30B-A3B-shaped slice (qwen3_moe)
+    python scripts/bench_pipeline.py --family gpt_oss --experts 32 --top-k 4 --moe-intermediate 2880 --hidden 2880 \
+        --heads 64 --kv-heads 8 --head-dim 64 --vocab 201088 --layers 8 --no-floors   # gpt-oss-20b-shaped slice
     python scripts/bench_pipeline.py --device cpu --hidden 2048 --intermediate 5632 --heads 16 --kv-heads 4 \\
         --vocab 32000 --layers 8 --samples 8 --seqlen 512  # ~1 GB bf16 model on the CPU
 
@@ -44,9 +46,17 @@ IMPORTS = HWM + "; " + IMPORTS
 
 
 def llama_config(args):
-    """The checkpoint's config: Llama, or with --experts a Qwen3-MoE whose every layer is sparse."""
-    from transformers import LlamaConfig, Qwen3MoeConfig
+    """The checkpoint's config: Llama, or with --experts a Qwen3-MoE whose every layer is sparse, or with
+    --family gpt_oss a gpt-oss (experts stored fused, sliding and full layers in turn)."""
+    from transformers import GptOssConfig, LlamaConfig, Qwen3MoeConfig
 
+    if args.family == "gpt_oss":
+        return GptOssConfig(hidden_size=args.hidden, intermediate_size=args.moe_intermediate,
+                            num_local_experts=args.experts, num_experts_per_tok=args.top_k,
+                            num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                            num_key_value_heads=args.kv_heads, head_dim=args.head_dim or args.hidden // args.heads,
+                            vocab_size=args.vocab, tie_word_embeddings=False, bos_token_id=256, eos_token_id=257,
+                            dtype="bfloat16")
     if args.experts:
         return Qwen3MoeConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
                               moe_intermediate_size=args.moe_intermediate, num_experts=args.experts,
@@ -71,7 +81,7 @@ def block_tensors(config, i, gen_device, generator):
     shapes = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
               "self_attn.o_proj": (h, q)}
     experts = getattr(config, "num_experts", 0) or 0
-    if experts:
+    if experts and config.model_type == "qwen3_moe":
         moe = config.moe_intermediate_size
         for e in range(experts):
             shapes.update({f"mlp.experts.{e}.gate_proj": (moe, h), f"mlp.experts.{e}.up_proj": (moe, h),
@@ -80,11 +90,23 @@ def block_tensors(config, i, gen_device, generator):
     else:
         shapes.update({"mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h), "mlp.down_proj": (h, inter)})
     out = {}
+    if config.model_type == "gpt_oss":  # fused on disk: (E, H, 2I) interleaved gate/up, (E, I, H); biases; sinks
+        moe, o = config.intermediate_size, config.num_local_experts
+        shapes = {k: v for k, v in shapes.items() if k.startswith("self_attn.")}
+        shapes.update({"mlp.router": (o, h)})
+        fused = {"mlp.experts.gate_up_proj": (o, h, 2 * moe), "mlp.experts.down_proj": (o, moe, h)}
+        biases = {"mlp.experts.gate_up_proj_bias": (o, 2 * moe), "mlp.experts.down_proj_bias": (o, h),
+                  "mlp.router.bias": (o,), "self_attn.sinks": (config.num_attention_heads,),
+                  **{f"self_attn.{n}.bias": (shapes[f"self_attn.{n}"][0],) for n in ("q_proj", "k_proj", "v_proj",
+                                                                                  "o_proj")}}
+        for name, shape in {**fused, **biases}.items():
+            t = torch.empty(shape, device=gen_device, dtype=torch.bfloat16).normal_(0, 0.02, generator=generator)
+            out[f"model.layers.{i}.{name}"] = t.cpu()
     for name, shape in shapes.items():
         w = torch.empty(shape, device=gen_device, dtype=torch.bfloat16).normal_(0, 0.02, generator=generator)
         out[f"model.layers.{i}.{name}.weight"] = w.cpu()
     norms = {"input_layernorm": h, "post_attention_layernorm": h}
-    if experts:
+    if experts and config.model_type == "qwen3_moe":
         norms.update({"self_attn.q_norm": hd, "self_attn.k_norm": hd})
     for name, width in norms.items():
         w = torch.empty(width, device=gen_device, dtype=torch.bfloat16).uniform_(0.5, 1.5, generator=generator)
@@ -203,6 +225,8 @@ def add_shape_arguments(p: argparse.ArgumentParser, layers: int = 32) -> None:
     p.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE with this many experts per layer")
     p.add_argument("--top-k", type=int, default=8, help="experts per token (with --experts)")
     p.add_argument("--moe-intermediate", type=int, default=768, help="each expert's width (with --experts)")
+    p.add_argument("--family", default="qwen3_moe", choices=["qwen3_moe", "gpt_oss"],
+                   help="the MoE family of the checkpoint (with --experts; gpt_oss stores its experts fused)")
 
 
 def main():
@@ -228,7 +252,7 @@ def main():
     shape = (f"hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, {args.heads} heads, "
              f"{args.kv_heads} KV heads, vocab {args.vocab}, bf16")
     if args.experts:
-        shape = (f"qwen3_moe: {args.experts} experts of intermediate {args.moe_intermediate}, top-{args.top_k}, "
+        shape = (f"{args.family}: {args.experts} experts of intermediate {args.moe_intermediate}, top-{args.top_k}, "
                  f"hidden {args.hidden}, {args.layers} layers, {args.heads} heads of {args.head_dim}, "
                  f"{args.kv_heads} KV heads, vocab {args.vocab}, bf16")
     print(f"checkpoint: {shape}: {size / 1e9:.2f} GB written in {time.perf_counter() - start:.1f} s")

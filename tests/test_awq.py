@@ -87,3 +87,30 @@ def test_auto_awq_default_format_is_autoawq_gemm(tmp_path):
     assert config["quantization_config"]["quant_method"] == "awq"
     marker = json.loads((tmp_path / "w" / "quantized" / "lite_output.json").read_text())
     assert [name for name, _ in marker["export"]["steps"]] == ["awq", "rtn"]
+
+
+def test_expert_searches_keep_the_routed_share_of_tokens(monkeypatch):
+    """With every expert calibrated on every token, a MoE expert's own pair (up -> down) keeps only the
+    tokens routing gives one expert on average, `max_tokens * top_k / experts`, cut to exactly that; the
+    MoE layer's pair (norm -> every expert's gate/up) keeps whole calls up to `max_tokens`."""
+    import lite.steps.awq as awq
+
+    kept = {}
+
+    class Recording(awq.Calls):
+        def mean_abs(self):
+            inputs = [args[0] if args else kwargs["hidden_states"] for args, kwargs, _ in self.calls]
+            kept[id(self)] = (self.max_tokens, sum(x.reshape(-1, x.shape[-1]).shape[0] for x in inputs))
+            return super().mean_abs()
+
+    monkeypatch.setattr(awq, "Calls", Recording)
+    model = build_tiny("qwen3_moe")  # 4 experts, 2 per token
+    step = create("awq", bits=4, group_size=-1, max_tokens=96, n_grid=2)
+    sweep(Loaded(model, arch_for(model.config)), [step, FoldOnly()], TOKENS, batch_size=4, progress=False)
+    caps = sorted(cap for cap, _ in kept.values())
+    assert caps.count(48) == 2 * 4  # each block's 4 experts: 96 * 2 / 4
+    for cap, tokens in kept.values():
+        if cap == 48:
+            assert tokens == 48  # cut to the share; each call holds 4 x 64 tokens
+        else:
+            assert cap == 96 and tokens >= 96  # whole calls of 256 tokens

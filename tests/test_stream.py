@@ -11,7 +11,7 @@ from helpers import fused_model
 from lite import pipeline, source, stream
 from lite.folders import MARKER
 from lite.observers import ActSettings
-from lite.model import build_tiny, byte_tokenizer, load_model, weights_hash
+from lite.model import build_tiny, byte_tokenizer, load_model, tiny_config, weights_hash
 from lite.settings import CalibSettings, SmoothSettings
 from lite.shards import ShardReader, ShardWriter
 from lite.sweep import plan_memory
@@ -142,6 +142,25 @@ def test_plan_memory_keeps_activations_on_device_only_when_they_fit():
     on_device, batch = plan_memory(3 * gib, block, sample, 128, per_sample, "auto")
     assert not on_device and batch >= 1
     assert plan_memory(8 * gib, block, sample, 128, per_sample, 3) == (True, 3)
+
+
+def test_the_memory_plan_counts_the_score_matrix_of_eager_attention():
+    """gpt_oss's attention has no SDPA path: its eager forward holds (heads, seqlen, seqlen + 1) scores in
+    the model dtype, their fp32 softmax and the probabilities. The plan's bytes per sample must cover them
+    (counted here from the shapes), and the planned batch of gpt-oss-20b's shape stay within the budget."""
+    from lite.sweep import per_token_bytes
+
+    config = tiny_config("gpt_oss", hidden_size=2880, intermediate_size=2880, num_attention_heads=64, head_dim=64)
+    model = build_tiny("gpt_oss")
+    assert model.config._attn_implementation == "eager"
+    config._attn_implementation = "eager"
+    seqlen = 2048
+    scores = 64 * seqlen * (seqlen + 1) * (2 + 4 + 2)  # bf16 scores, fp32 softmax, bf16 probabilities
+    per_sample = seqlen * per_token_bytes(config, 2, seqlen)
+    assert per_sample >= scores
+    block = 1_600_000_000  # one gpt-oss-20b block in bf16
+    _, batch = plan_memory(8 * 2**30, block, seqlen * 2880 * 2, 128, per_sample, "auto")
+    assert 2 * block + batch * scores <= 8 * 2**30
 
 
 def test_row_chunked_folding_and_quantization_are_exact(monkeypatch):

@@ -18,7 +18,7 @@ The scales are left on `block.scales`; the quantizing step that follows (`rtn` w
 
 import torch
 
-from lite.archs import kv_group_index
+from lite.archs import kv_group_index, num_experts
 from lite.errors import LiteError
 from lite.observers import Hessian
 from lite.kernels import mse_clip
@@ -40,10 +40,12 @@ def _common_parent(names) -> str:
 
 class Calls:
     """What a module was called with and returned during the block's forward: the mean |x| of its input
-    channels over every token, and the first calls up to `max_tokens` tokens, to run it again."""
+    channels over every token, and the first calls up to `max_tokens` tokens, to run it again. With
+    `cut_rows` (a linear's calls, whose rows are independent tokens) the last call kept is cut to exactly
+    `max_tokens`; otherwise (attention, an MLP: masks and positions per call) whole calls are kept."""
 
-    def __init__(self, max_tokens: int):
-        self.max_tokens, self.calls, self.tokens = max_tokens, [], 0
+    def __init__(self, max_tokens: int, cut_rows: bool = False):
+        self.max_tokens, self.cut_rows, self.calls, self.tokens = max_tokens, cut_rows, [], 0
         self.abs_sum, self.count = None, 0
 
     def update_call(self, args, kwargs, out) -> None:
@@ -53,8 +55,12 @@ class Calls:
         self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
         self.count += flat.shape[0]
         if self.tokens < self.max_tokens:
-            self.calls.append((args, kwargs, out[0] if isinstance(out, tuple) else out))
-            self.tokens += flat.shape[0]
+            out = out[0] if isinstance(out, tuple) else out
+            if self.cut_rows and self.tokens + flat.shape[0] > self.max_tokens:
+                keep = self.max_tokens - self.tokens
+                args, out = (flat[:keep],), out.reshape(-1, out.shape[-1])[:keep]
+            self.calls.append((args, kwargs, out))
+            self.tokens += min(flat.shape[0], self.max_tokens - self.tokens) if self.cut_rows else flat.shape[0]
 
     def mean_abs(self) -> torch.Tensor:
         return self.abs_sum / self.count
@@ -77,7 +83,9 @@ def _fake_quantize(w: torch.Tensor, scheme: WeightScheme, hessian: torch.Tensor 
 
 class Awq(Step):
     """Settings: `bits`, `group_size`, `symmetric` (the scheme the following step quantizes to), `n_grid`
-    (ratios r = 0, 1/n, ..., (n−1)/n), `max_tokens` (calibration tokens per sub-module the search runs on),
+    (ratios r = 0, 1/n, ..., (n−1)/n), `max_tokens` (calibration tokens per sub-module the search runs on; a
+    MoE expert's own pairs take the share routing gives one expert, `max_tokens · top_k / experts`: with
+    every expert calibrated on every token, 128 experts' full inputs and outputs took 60 GiB per block),
     `clip` (quantize each candidate with its clipping ranges searched, as `rtn`'s `mse` will; false:
     the full range, as the paper)."""
 
@@ -106,9 +114,18 @@ class Awq(Step):
         return plan
 
     def observers(self, block: Block) -> list[Hook]:
-        self._pairs = [(consumers, inspect, per_kv, Calls(self.max_tokens))
+        self._pairs = [(consumers, inspect, per_kv,
+                        Calls(self._max_tokens(block, inspect), cut_rows=consumers == (inspect,)))
                        for consumers, inspect, per_kv in self._plan(block)]
         return [Hook(inspect, "call", calls) for _, inspect, _, calls in self._pairs]
+
+    def _max_tokens(self, block: Block, inspect: str) -> int:
+        """The tokens a search keeps for `inspect`: inside one expert, its average routed share."""
+        experts = block.arch.experts
+        if experts and inspect.startswith(experts + "."):
+            share = block.config.num_experts_per_tok / num_experts(block.config)
+            return max(1, int(self.max_tokens * share))
+        return self.max_tokens
 
     @torch.no_grad()
     def apply_(self, block: Block) -> None:
