@@ -114,3 +114,17 @@ def test_expert_searches_keep_the_routed_share_of_tokens(monkeypatch):
             assert tokens == 48  # cut to the share; each call holds 4 x 64 tokens
         else:
             assert cap == 96 and tokens >= 96  # whole calls of 256 tokens
+
+
+def test_a_cut_call_holds_only_the_kept_rows():
+    """The kept rows are copies: a view would hold the whole call's input and output alive."""
+    from lite.steps.awq import Calls
+
+    calls = Calls(3, cut_rows=True)
+    x, y = torch.randn(2, 5, 8), torch.randn(2, 5, 4)
+    calls.update_call((x,), {}, y)
+    (args, _, out), = calls.calls
+    assert torch.equal(args[0], x.reshape(-1, 8)[:3]) and torch.equal(out, y.reshape(-1, 4)[:3])
+    assert args[0].untyped_storage().nbytes() == 3 * 8 * 4 and out.untyped_storage().nbytes() == 3 * 4 * 4
+    calls.update_call((x,), {}, y)  # full: nothing more kept, every token still counted in the mean
+    assert len(calls.calls) == 1 and calls.count == 20

@@ -55,12 +55,13 @@ class Calls:
         self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
         self.count += flat.shape[0]
         if self.tokens < self.max_tokens:
-            out = out[0] if isinstance(out, tuple) else out
-            if self.cut_rows and self.tokens + flat.shape[0] > self.max_tokens:
-                keep = self.max_tokens - self.tokens
-                args, out = (flat[:keep],), out.reshape(-1, out.shape[-1])[:keep]
+            out, kept = out[0] if isinstance(out, tuple) else out, flat.shape[0]
+            if self.cut_rows and self.tokens + kept > self.max_tokens:
+                kept = self.max_tokens - self.tokens
+                # copies: a view would keep the whole call's tensors alive
+                args, out = (flat[:kept].clone(),), out.reshape(-1, out.shape[-1])[:kept].clone()
             self.calls.append((args, kwargs, out))
-            self.tokens += min(flat.shape[0], self.max_tokens - self.tokens) if self.cut_rows else flat.shape[0]
+            self.tokens += kept
 
     def mean_abs(self) -> torch.Tensor:
         return self.abs_sum / self.count
