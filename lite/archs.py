@@ -189,6 +189,10 @@ _STARCODER2 = Arch(
     residual_writers=("self_attn.o_proj", "mlp.c_proj"),
 )
 
+# Doge: llama's names, but a second reader of V (`dt_proj`, the dynamic mask) takes no factor, so v -> o does
+# not smooth; learned scales of the residual (`input_residual`) make rotation inexact.
+_DOGE = Arch(norm_pairs=_LLAMA.norm_pairs, linear_pairs=(_LLAMA.linear_pairs[1],), rotatable=False)
+
 # Llama's blocks under GPT-2-like checkpoint names, which transformers renames at load time.
 _EXAONE = replace(_LLAMA, checkpoint_names=(
     ("^model.embed_tokens.", "^transformer.wte."), ("^model.layers.", "^transformer.h."),
@@ -289,7 +293,6 @@ ARCHS: dict[str, Arch] = {
     "phi3": _PHI3,
     "gemma": _GEMMA,
     # Llama-shaped blocks (issue 11): smoothing folds exactly, streamed == loaded, on a tiny model of each.
-    # Not yet: exaone (other module names) and doge (a dt_proj in attention).
     "internlm3": _LLAMA,
     "iquestcoder": _LLAMA,
     "ministral3": _LLAMA,
@@ -300,6 +303,7 @@ ARCHS: dict[str, Arch] = {
     "hunyuan_v1_dense": _LLAMA,
     "ernie4_5": _LLAMA,
     "hyperclovax": _LLAMA,
+    "doge": _DOGE,
     # With sliding-window layers: each block is calibrated with its own layer's mask (`capture_block_inputs`).
     "ministral": _LLAMA,
     "granite_swa": _LLAMA,
@@ -356,6 +360,9 @@ def arch_for(config) -> Arch:
             "(to add one, give it a record in lite/archs.py)"
         )
     arch = ARCHS[model_type]
+    if model_type == "doge" and getattr(config, "is_moe", False):
+        raise LiteError("doge with is_moe (its cross-domain MoE: expert embeddings picked by product keys) is not "
+                        "supported; lite quantizes dense doge models")
     if model_type == "deepseek_v3" and getattr(config, "q_lora_rank", None) is None:
         arch = _DEEPSEEK_V3_NO_Q_LORA
     if arch.experts is None:

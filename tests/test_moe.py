@@ -244,3 +244,8 @@ def test_mixtral_is_read_and_written_under_its_checkpoint_names(tmp_path):
     from lite.formats import load_checkpoint
 
     assert (logits(load_checkpoint(str(out)), tokens) - logits(fused, tokens)).abs().max() < 0.1
+
+
+def test_doge_with_its_cross_domain_moe_is_refused_in_one_line():
+    with pytest.raises(LiteError, match="doge with is_moe"):
+        arch_for(tiny_config("doge", is_moe=True, num_experts=16, num_experts_per_tok=2))
