@@ -1,6 +1,6 @@
-"""Pieces the block loop (`lite/sweep.py`) and `--alpha auto` (`lite/search.py`) share: per-channel
-running statistics, the capture of block 0's inputs (a forward pre-hook that stops the model's own
-forward early), running a block over cached batches, and hook removal.
+"""Pieces of the block loop (`lite/sweep.py`): per-channel running statistics, the capture of block 0's
+inputs (each block's forward replaced by a recorder; the model's own forward stopped early), and hook
+removal.
 """
 
 from contextlib import contextmanager
@@ -111,15 +111,6 @@ def capture_block_inputs(model: nn.Module, arch: Arch, tokens: torch.Tensor, bat
     assert all(len(kw) == len(layers) for kw in kwargs), \
         f"the model's forward called {[len(kw) for kw in kwargs]} of its {len(layers)} blocks"
     return hidden, kwargs
-
-
-def run_block(block: nn.Module, index: int, hidden: list[torch.Tensor], kwargs: list[list[dict]]) -> list[torch.Tensor]:
-    """Block number `index`'s output for every cached batch (`kwargs` as `capture_block_inputs` gives them)."""
-    outs = []
-    for h, kw in zip(hidden, kwargs):
-        out = block(h, **kw[index])
-        outs.append(out[0] if isinstance(out, tuple) else out)
-    return outs
 
 
 def show_tokens_per_second(bar, tokens: torch.Tensor | None, blocks_done: int) -> None:

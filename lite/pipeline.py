@@ -204,7 +204,7 @@ def run_smooth(loaded, work, calib, smoothing, batch_size, device, dtype) -> dic
     stats = ensure_statistics(loaded, work, calib, batch_size, device, dtype)
     settings = smoothing_record(calib, smoothing, dtype)
     if smoothing.auto:
-        from lite.search import search_alphas
+        from lite.steps.alpha_search import search_alphas
 
         tokens = calibration_tokens(loaded.tokenizer, calib.calib_dataset, calib.calib_samples,
                                     calib.calib_seqlen, calib.seed, loaded.config.vocab_size)

@@ -17,7 +17,7 @@ import torch
 from lite.steps.stats import collect_statistics
 from lite.data import calibration_tokens
 from lite.model import LoadedModel, load_model
-from lite.search import search_alphas
+from lite.steps.alpha_search import search_alphas
 
 
 def random_llama(args) -> LoadedModel:

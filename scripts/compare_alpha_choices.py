@@ -6,7 +6,7 @@ Every choice quantizes the model in memory (W8A8, per-token activations, as
 --eval-text; `global` also prints the change on the calibration windows themselves.
 
 - `global`: one alpha for every block, each of 0, 0.05, ..., 1.
-- `greedy-nll`: lite's `--alpha auto` (lite/search.py): blocks in order, each alpha scored by the
+- `greedy-nll`: lite's `--alpha auto` (lite/steps/alpha_search.py): blocks in order, each alpha scored by the
   whole model's next-token loss on the calibration windows (blocks before quantized, after float).
 - `greedy-kl`: the same, scored by the KL divergence to the float model's next-token distribution.
 - `greedy-mse`: the same, scored by the squared error of the block's own output against the float
@@ -31,7 +31,7 @@ from lite.data import calibration_tokens
 from lite.eval import eval_windows, perplexity
 from lite.model import decoder_blocks, load_model
 from lite.quant import quant_dtype_of
-from lite.search import ALPHA_GRID, quantized_block, search_alphas
+from lite.steps.alpha_search import ALPHA_GRID, quantized_block, search_alphas
 from lite.smooth import migration_scales
 
 

@@ -12,7 +12,7 @@ from lite import compressed_tensors
 from lite.cli.main import main
 from lite.model import build_tiny
 from lite.observers import ActSettings
-from lite.search import search_alphas
+from lite.steps.alpha_search import search_alphas
 from lite.smooth import migration_scales
 
 GRID = (0.0, 0.5, 1.0)
