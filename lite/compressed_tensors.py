@@ -229,28 +229,46 @@ def _read_scheme(folder: str, qc: dict) -> tuple[dict, dict | None]:
 
 def load_compressed_tensors(folder: str) -> nn.Module:
     """Read a compressed-tensors W8A8 folder into a model of QLinears that computes what vLLM computes."""
-    from lite.export import float_model_of_checkpoint, load_checkpoint_state_, read_state_dict
+    from lite.export import load_checkpoint_state_, read_state_dict
 
-    model, qc, dtype = float_model_of_checkpoint(folder, QUANT_METHOD)
+    model, qc, _ = reader_structure(folder)
+    quantized = {name for name, m in model.named_modules() if isinstance(m, QLinear)}
+    state = {}
+    for name, t in read_state_dict(folder, arch_for(model.config)).items():
+        module, _, leaf = name.rpartition(".")
+        if module in quantized and leaf == "weight_scale":
+            name = f"{module}.scale"
+        state[name] = reader_tensor(model, quantized, name, t)
+    return load_checkpoint_state_(model, state, qc, folder)
+
+
+def reader_structure(folder: str, device=None) -> tuple[nn.Module, dict, torch.dtype]:
+    """The model `load_compressed_tensors` fills, QLinears in place of every linear not in `ignore`, before
+    any tensor is read (`device="meta"`: a skeleton); with its quantization_config and dtype. A QLinear's
+    `scale` is stored as `weight_scale` (`ct_name`) and goes through `reader_tensor`."""
+    from lite.export import float_model_of_checkpoint
+
+    model, qc, dtype = float_model_of_checkpoint(folder, QUANT_METHOD, device)
     weights, inputs = _read_scheme(folder, qc)
     qdtype, static = QDTYPE_OF[(weights["type"], weights["num_bits"])], inputs["dynamic"] is False
     arch = arch_for(model.config)
     ignore = {from_checkpoint(arch, name) for name in qc.get("ignore") or []}
-    quantized = [name for name in float_linears(model) if name not in ignore]
-    for name in quantized:
+    for name in [name for name in float_linears(model) if name not in ignore]:
         linear = model.get_submodule(name)
         model.set_submodule(name, QLinear(linear.in_features, linear.out_features, linear.bias is not None,
-                                          qdtype, dtype, input_scale=static))
-    state = {}
-    for name, t in read_state_dict(folder, arch).items():
-        module, _, leaf = name.rpartition(".")
-        if module in quantized and leaf == "weight_scale":
-            out_features = model.get_submodule(module).out_features
-            name, t = f"{module}.scale", t.float().reshape(-1, 1).expand(out_features, 1)  # (out, 1)
-        elif module in quantized and leaf == "input_scale":
-            t = t.float().reshape(1)
-        state[name] = t
-    return load_checkpoint_state_(model, state, qc, folder)
+                                          qdtype, dtype, input_scale=static, device=linear.weight.device))
+    return model, qc, dtype
+
+
+def reader_tensor(model: nn.Module, quantized, name: str, t: torch.Tensor) -> torch.Tensor:
+    """A stored tensor as the reader's model holds it: a QLinear's scale `(out, 1)` fp32 (a per-tensor
+    weight scale is stored as one value), its static input scale `(1,)` fp32."""
+    module, _, leaf = name.rpartition(".")
+    if module in quantized and leaf == "scale":
+        return t.float().reshape(-1, 1).expand(model.get_submodule(module).out_features, 1).contiguous()
+    if module in quantized and leaf == "input_scale":
+        return t.float().reshape(1)
+    return t
 
 
 def describe(qc: dict) -> str:

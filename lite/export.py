@@ -243,9 +243,10 @@ def quant_method_of(folder: str) -> str | None:
         return (json.load(f).get("quantization_config") or {}).get("quant_method")
 
 
-def float_model_of_checkpoint(folder: str, quant_method: str) -> tuple[nn.Module, dict, torch.dtype]:
+def float_model_of_checkpoint(folder: str, quant_method: str, device=None) -> tuple[nn.Module, dict, torch.dtype]:
     """(float model built from the folder's config, its quantization_config, the model dtype), after
-    checking that the folder is a `quant_method` checkpoint. The caller swaps in quantized modules."""
+    checking that the folder is a `quant_method` checkpoint. The caller swaps in quantized modules.
+    `device="meta"`: a skeleton, for reading the folder block by block."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = os.path.join(folder, "config.json")
@@ -258,13 +259,22 @@ def float_model_of_checkpoint(folder: str, quant_method: str) -> tuple[nn.Module
     config = AutoConfig.from_pretrained(folder)
     del config.quantization_config
     dtype = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, str(config.dtype or "float32"))
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    with torch.device(device or "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     return unfuse_experts_(model, arch_for(config)), qc, dtype
 
 
 def load_quantized(folder: str) -> nn.Module:
     """Read a folder written by `write_checkpoint` back into a model that computes the quantized outputs."""
-    model, qc, dtype = float_model_of_checkpoint(folder, QUANT_METHOD)
+    model, qc, _ = reader_structure(folder)
+    return load_checkpoint_state_(model, read_state_dict(folder, arch_for(model.config)), qc, folder)
+
+
+def reader_structure(folder: str, device=None) -> tuple[nn.Module, dict, torch.dtype]:
+    """The model `load_quantized` fills, QRMSNorms and QLinears in place, before any tensor is read
+    (`device="meta"`: a skeleton); with its quantization_config and dtype. The folder names every tensor as
+    the model does (`to_checkpoint`)."""
+    model, qc, dtype = float_model_of_checkpoint(folder, QUANT_METHOD, device)
     arch = arch_for(model.config)
     qdtype = getattr(torch, qc["quant_dtype"])
     migration = bool(qc.get("migration_scale"))
@@ -275,8 +285,8 @@ def load_quantized(folder: str) -> nn.Module:
         for name in quantized_linears(arch.at(prefix), block):
             linear = block.get_submodule(name)
             block.set_submodule(name, QLinear(linear.in_features, linear.out_features, linear.bias is not None,
-                                              qdtype, dtype, migration))
-    return load_checkpoint_state_(model, read_state_dict(folder, arch), qc, folder)
+                                              qdtype, dtype, migration, device=linear.weight.device))
+    return model, qc, dtype
 
 
 def load_checkpoint_state_(model: nn.Module, state: dict[str, torch.Tensor], qc: dict, folder: str) -> nn.Module:

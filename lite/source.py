@@ -26,6 +26,10 @@ class StreamedModel(LoadedModel):
     dtype: torch.dtype = None
     opened_at: float = 0.0  # perf_counter() when opening began, so that timings include it
     identity_s: float = 0.0  # seconds spent on `identity`
+    # A folder in another layout than the model's own (a quantized checkpoint read back): the stored name of
+    # a state-dict entry, and how a stored tensor becomes the entry `(name, tensor) -> tensor`.
+    rename: object = None
+    transform: object = None
 
 
 def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, parameter: bool) -> None:
@@ -37,10 +41,11 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, parameter: bool
         module._buffers[attr] = value
 
 
-def stored_location(model: nn.Module, arch, reader: ShardReader, name: str) -> tuple[str, tuple | None]:
+def stored_location(model: nn.Module, arch, reader: ShardReader, name: str, rename=None) -> tuple[str, tuple | None]:
     """(the checkpoint tensor holding the model's tensor `name`, None or `(layout, expert, projection,
-    is_bias)` where it is one expert's part of a fused tensor on disk, as gpt_oss stores its experts)."""
-    stored = to_checkpoint(arch, name)
+    is_bias)` where it is one expert's part of a fused tensor on disk, as gpt_oss stores its experts).
+    `rename`: the stored name of an entry, where the folder has a layout of its own."""
+    stored = rename(name) if rename is not None else to_checkpoint(arch, name)
     found = None if stored in reader else FusedLayout.fused_name(name)
     if found is None:
         return stored, None
@@ -103,7 +108,7 @@ def _source(sm: StreamedModel, name: str) -> tuple[str, tuple | None]:
     """`stored_location` of a state-dict entry (a tied lm_head reads the embeddings)."""
     if getattr(sm.config, "tie_word_embeddings", False) and name == f"{sm.arch.lm_head}.weight":
         name = f"{sm.arch.embed}.weight"
-    return stored_location(sm.model, sm.arch, sm.reader, name)
+    return stored_location(sm.model, sm.arch, sm.reader, name, sm.rename)
 
 
 def streamed_weights_hash(sm: StreamedModel) -> str:
@@ -201,7 +206,7 @@ class Shards:
         cuda = torch.device(device).type == "cuda"
         block = self.model.get_submodule(prefix)
         dtypes = {f"{prefix}.{n}": t.dtype for n, t in block.state_dict(keep_vars=True).items()}  # persistent buffers too
-        where = {name: stored_location(self.model, self.arch, self.reader, name) for name in dtypes}
+        where = {name: stored_location(self.model, self.arch, self.reader, name, self.sm.rename) for name in dtypes}
         parts, size = [[]], 0
         for stored in dict.fromkeys(stored for stored, _ in where.values()):  # a fused tensor once, for all experts
             nbytes = self.reader.nbytes([stored])
@@ -224,6 +229,8 @@ class Shards:
             if expert is not None:  # one expert's part of a fused tensor
                 layout, e, proj, bias = expert
                 t = layout.take(t, e, proj, bias).contiguous()
+            if self.sm.transform is not None:
+                t = self.sm.transform(name, t)
             # Each in its dtype in the skeleton, as transformers loads it (DeepSeek's router stays fp32 in bf16).
             tensors[name] = t.to(dtypes[name]) if t.is_floating_point() else t
         return tensors
@@ -240,10 +247,11 @@ class Shards:
         block.to("meta")
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.reader.entries[to_checkpoint(self.arch, name)].shape
+        return self.reader.entries[stored_location(self.model, self.arch, self.reader, name, self.sm.rename)[0]].shape
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self.reader.read_rows(to_checkpoint(self.arch, name), start, stop).to(self.dtype)
+        stored = stored_location(self.model, self.arch, self.reader, name, self.sm.rename)[0]
+        return self.reader.read_rows(stored, start, stop).to(self.dtype)
 
     def set_embeddings(self, embed: torch.Tensor) -> None:
         """The embeddings assembled on the device by the sweep (read once, a chunk of rows at a time)."""

@@ -5,7 +5,8 @@ over a `lite.source.Shards` source, so that only one or two blocks' weights are 
 - `stream_calibrate`: `[statistics]`;
 - `stream_smooth`: `[smoothquant]` from the work dir's statistics (weights only, no forward), or
   `[statistics, smoothquant]` when they must be made;
-- `stream_export`: `[smoothquant (given scales), rtn]`, no forward.
+- `stream_export`: `[smoothquant (given scales), rtn]`; the only forward is the read-back's, on two
+  windows of the text shipped with lite.
 
 Every format and activation scheme streams: lmdeploy, compressed-tensors with per-token or static
 activation scales (then `[smoothquant (given scales, folded first), static_scales, rtn]` with the
@@ -13,6 +14,10 @@ calibration windows).
 
 The result is the same as calibrate → smooth → export on the fully loaded model: the same artifacts
 in the work dir and the same checkpoint, tensor for tensor (bit for bit on the CPU).
+
+Every export ends with `readback_record` as its last step and, before the folder is published, the
+read-back check block by block (`lite.formats.check_streamed_readback`): the written folder, read by its
+format's reader one block at a time, must compute what the in-memory quantized blocks computed.
 """
 
 import os
@@ -20,6 +25,7 @@ import time
 
 from lite.data import calibration_tokens
 from lite import compressed_tensors, export
+from lite.formats import ReadbackRecord, check_streamed_readback
 from lite.folders import staged_folder, write_marker
 from lite.observers import ActSettings
 from lite.quant import quant_dtype_of
@@ -67,6 +73,12 @@ def _writer(folder, sm: StreamedModel, fmt: str, quant_dtype: str, export_migrat
                                                sm.folder, marker, act)
 
 
+def _check_readback(folder, sm, tokens, summary, record, device, max_gpu_memory, timer) -> None:
+    first = tokens[:summary["batch_size"]]  # the batch `record` ran
+    check_streamed_readback(folder, sm, first, record.hidden, device, max_gpu_memory)
+    timer.lap("readback")
+
+
 def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="int8", export_migration_scale=False,
                         max_shard_size="5GB", out_dir=None, batch_size="auto", device="cpu", dtype="auto",
                         max_gpu_memory=DEFAULT_MAX_GPU_MEMORY, fmt="lmdeploy") -> str:
@@ -80,8 +92,10 @@ def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="
     with staged_folder(out_dir) as tmp:
         # The marker names the migration scales' record, which exists once they are saved: written last.
         writer = _writer(tmp, sm, fmt, quant_dtype, export_migration_scale, max_shard_size, marker=None)
-        summary = sweep(Shards(sm), [stats, smooth, Rtn(quant_dtype, export_migration_scale, fmt)], tokens, writer,
-                        batch_size, device, max_gpu_memory, timer, all_experts=calib.moe_calibrate_all_experts)
+        record = ReadbackRecord()
+        summary = sweep(Shards(sm), [stats, smooth, Rtn(quant_dtype, export_migration_scale, fmt), record], tokens,
+                        writer, batch_size, device, max_gpu_memory, timer, all_experts=calib.moe_calibrate_all_experts)
+        _check_readback(tmp, sm, tokens, summary, record, device, max_gpu_memory, timer)
         # Artifacts first, then the folder appears: a finished output folder always has its statistics.
         work.save("statistics", calib_record(calib, dtype), stats.artifacts())
         work.save("migration_scales", smoothing_record(calib, smoothing, dtype), smooth.artifacts())
@@ -142,15 +156,16 @@ def stream_export(sm: StreamedModel, work, scales: dict | None, quant_dtype="int
     _check_options(quant_dtype, batch_size)
     settings = export_settings(work, fmt, quant_dtype, act, export_migration_scale, max_shard_size,
                                dtype, bool(scales), calib)
-    rtn = Rtn(quant_dtype, export_migration_scale, fmt)
+    rtn, record = Rtn(quant_dtype, export_migration_scale, fmt), ReadbackRecord()
     if act.static:
         steps = [SmoothQuant(scales=scales or {}, fold=True), StaticScales(act, quant_dtype_of(quant_dtype)), rtn]
         tokens = _tokens(sm, calib)
-    else:
-        steps, tokens = [SmoothQuant(scales=scales or {}), rtn], None
+    else:  # the read-back's two windows are the only forward
+        steps, tokens = [SmoothQuant(scales=scales or {}), rtn], calibration_tokens(sm.tokenizer, "sample", 2, 128, 0)
     with staged_folder(out_dir) as tmp:
         writer = _writer(tmp, sm, fmt, quant_dtype, export_migration_scale, max_shard_size, (work.path, settings), act)
-        summary = sweep(Shards(sm), steps, tokens, writer, batch_size, device, max_gpu_memory, timer)
+        summary = sweep(Shards(sm), steps + [record], tokens, writer, batch_size, device, max_gpu_memory, timer)
+        _check_readback(tmp, sm, tokens, summary, record, device, max_gpu_memory, timer)
     work.record("export", {**settings, "out_dir": out_dir})
     _print_timings(sm, timer, summary)
     print(f"wrote {out_dir}")

@@ -99,6 +99,33 @@ def test_streamed_equals_full_load(tmp_path, monkeypatch, model_type, overrides,
     assert manifests[0] == manifests[1]  # the same keys and values for every artifact, file hashes included
 
 
+@pytest.mark.parametrize("fmt,act", [("lmdeploy", "dynamic"), ("compressed-tensors", "minmax")])
+def test_streamed_readback_catches_a_tensor_written_wrong_and_publishes_nothing(tmp_path, monkeypatch, capsys,
+                                                                               fmt, act):
+    """The block-by-block read-back of a streamed export reads the folder with the format's reader: one
+    weight scale written 1 % off (what a wrong name, dtype or layout does, and worse) fails it, and the
+    output folder never appears; written right, the last block's outputs agree exactly."""
+    from lite.errors import LiteError
+    from lite.export import CheckpointWriter
+
+    folder = save_model(tmp_path, "llama")
+    act = ActSettings() if act == "dynamic" else ActSettings("static", act)
+    settings = dict(batch_size=2, device="cpu", max_shard_size="30KB", fmt=fmt, act=act)
+    pipeline.smooth_quant(folder, str(tmp_path / "good"), CALIB, SmoothSettings(), **settings)
+    assert "max |difference| of the last block's output 0 " in capsys.readouterr().out
+    write = CheckpointWriter.write
+
+    def off_by_one_percent(self, name, t, row_start=0):
+        if name == "model.layers.1.self_attn.o_proj.scale":
+            t = t * 1.01
+        write(self, name, t, row_start)
+
+    monkeypatch.setattr(CheckpointWriter, "write", off_by_one_percent)
+    with pytest.raises(LiteError, match="read back gives last-block outputs"):
+        pipeline.smooth_quant(folder, str(tmp_path / "bad"), CALIB, SmoothSettings(), **settings)
+    assert not (tmp_path / "bad" / "quantized").exists()
+
+
 def test_streamed_identity_matches_loaded_model(tmp_path):
     folder = save_model(tmp_path, "qwen2")
     streamed = source.open_streamed(folder, "float32")
