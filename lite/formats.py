@@ -129,11 +129,22 @@ class _FirstCall:
             self.args, self.kwargs = args, kwargs
 
 
+def _first_sample(x, batch: int):
+    """`x` (a tensor, or a tuple or list of them) cut to its first sample where its leading dimension is
+    the batch (tensors of two or more dimensions: masks, position ids; not `cache_position`)."""
+    if isinstance(x, torch.Tensor):
+        return x[:1] if x.dim() >= 2 and x.shape[0] == batch else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_first_sample(v, batch) for v in x)
+    return x
+
+
 class ReadbackRecord(Step):
     """The last step of a streamed export: each block, as the steps before it left it (quantized), runs
-    on the previous block's quantized output for the sweep's first batch, with that block's own masks and
-    positions. `hidden` after the last block is what the written folder must compute
-    (`check_streamed_readback`)."""
+    on the previous block's quantized output for the first sample of the sweep's first batch, with that
+    block's own masks and positions. `hidden` after the last block is what the written folder must
+    compute (`check_streamed_readback`). One sample: the quantized blocks' fp32 work on a whole batch
+    took 1.5 GiB of GPU memory on Llama-3-8B's shape."""
 
     def __init__(self):
         self.hidden, self._call = None, None
@@ -146,7 +157,8 @@ class ReadbackRecord(Step):
     def apply_(self, block: Block) -> None:
         args, kwargs = self._call.args, dict(self._call.kwargs)
         first = args[0] if args else kwargs.pop("hidden_states")
-        out = block.module(first if self.hidden is None else self.hidden, **kwargs)
+        kwargs = {k: _first_sample(v, first.shape[0]) for k, v in kwargs.items()}
+        out = block.module(first[:1] if self.hidden is None else self.hidden, **kwargs)
         self.hidden = out[0] if isinstance(out, tuple) else out
         self._call = None
 
@@ -205,7 +217,7 @@ def _reader_source(folder: str, sm):
 def check_streamed_readback(folder: str, sm, tokens: torch.Tensor, expected: torch.Tensor, device,
                             max_gpu_memory) -> float:
     """The read-back check of a streamed export, block by block: the folder, read by its format's reader
-    one block at a time (never the whole model), runs `tokens` (the export's first batch) through every
+    one block at a time (never the whole model), runs `tokens` (the export's first sample) through every
     block; its last block's output must equal `expected` (`ReadbackRecord.hidden`, the in-memory quantized
     blocks' output) within `READBACK_TOLERANCE` of its largest value. Raises before the folder is
     published otherwise."""

@@ -73,9 +73,8 @@ def _writer(folder, sm: StreamedModel, fmt: str, quant_dtype: str, export_migrat
                                                sm.folder, marker, act)
 
 
-def _check_readback(folder, sm, tokens, summary, record, device, max_gpu_memory, timer) -> None:
-    first = tokens[:summary["batch_size"]]  # the batch `record` ran
-    check_streamed_readback(folder, sm, first, record.hidden, device, max_gpu_memory)
+def _check_readback(folder, sm, tokens, record, device, max_gpu_memory, timer) -> None:
+    check_streamed_readback(folder, sm, tokens[:1], record.hidden, device, max_gpu_memory)  # the sample `record` ran
     timer.lap("readback")
 
 
@@ -95,7 +94,7 @@ def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="
         record = ReadbackRecord()
         summary = sweep(Shards(sm), [stats, smooth, Rtn(quant_dtype, export_migration_scale, fmt), record], tokens,
                         writer, batch_size, device, max_gpu_memory, timer, all_experts=calib.moe_calibrate_all_experts)
-        _check_readback(tmp, sm, tokens, summary, record, device, max_gpu_memory, timer)
+        _check_readback(tmp, sm, tokens, record, device, max_gpu_memory, timer)
         # Artifacts first, then the folder appears: a finished output folder always has its statistics.
         work.save("statistics", calib_record(calib, dtype), stats.artifacts())
         work.save("migration_scales", smoothing_record(calib, smoothing, dtype), smooth.artifacts())
@@ -165,7 +164,7 @@ def stream_export(sm: StreamedModel, work, scales: dict | None, quant_dtype="int
     with staged_folder(out_dir) as tmp:
         writer = _writer(tmp, sm, fmt, quant_dtype, export_migration_scale, max_shard_size, (work.path, settings), act)
         summary = sweep(Shards(sm), steps + [record], tokens, writer, batch_size, device, max_gpu_memory, timer)
-        _check_readback(tmp, sm, tokens, summary, record, device, max_gpu_memory, timer)
+        _check_readback(tmp, sm, tokens, record, device, max_gpu_memory, timer)
     work.record("export", {**settings, "out_dir": out_dir})
     _print_timings(sm, timer, summary)
     print(f"wrote {out_dir}")
