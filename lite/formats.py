@@ -1,14 +1,19 @@
-"""Checkpoint formats by name: which options each takes, how each is written and read back, and the
-read-back check that runs after every export.
+"""Checkpoint formats by name, each one `Format` record: which options it takes, how a loaded model
+or a stream of blocks is written in it, how its reader builds the model (whole, or as a skeleton read
+one block at a time), and the read-back checks that run after every export.
 
 - `lmdeploy`: lmdeploy's `smooth_quant` layout (QRMSNorm + QLinear, per-token activations), with the
   optional migration-scale extension. Read by lmdeploy's PyTorch engine.
 - `compressed-tensors`: `int-quantized` / `float-quantized`, per-token dynamic or per-tensor static
   activations, smoothing folded into the norms. Read by vLLM, SGLang and transformers.
+
+The weight-only layouts (pack-quantized, AutoAWQ GEMM, GPTQ) live in `lite.weight_only`.
 """
 
 import json
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -21,10 +26,84 @@ from lite.folders import replace_folder
 from lite.observers import ActSettings
 from lite.steps.base import Block, Hook, Step
 
-# --format name -> quant_method written to config.json
-FORMATS = {"lmdeploy": export.QUANT_METHOD, "compressed-tensors": compressed_tensors.QUANT_METHOD}
+
+@dataclass(frozen=True)
+class Format:
+    """One W8A8 checkpoint layout.
+
+    `check(act, export_migration_scale)` refuses what the layout cannot store; `write_loaded(loaded, ...)`
+    quantizes a model in memory and writes it; `writer(folder, sm, ...)` is the checkpoint writer the
+    sweep hands finished blocks to; `structure(folder, device)` is the reader's model before any tensor
+    (on "meta": a skeleton to read block by block), `(model, quantization_config, dtype)`;
+    `stored_names(model, arch)` is `(rename, transform)`: the stored name of each state-dict entry and how
+    a stored tensor becomes it (None: the model's own names and tensors); `read(folder)` is the whole
+    model, ready to compute."""
+
+    name: str
+    quant_method: str
+    check: Callable
+    write_loaded: Callable
+    writer: Callable
+    structure: Callable
+    stored_names: Callable
+    read: Callable
+
+
+def _check_lmdeploy(act: ActSettings, export_migration_scale: bool) -> None:
+    if act.static:
+        raise LiteError("--act-scheme static needs --format compressed-tensors (lmdeploy's smooth_quant "
+                        "layout has per-token activations only)")
+
+
+def _check_compressed_tensors(act: ActSettings, export_migration_scale: bool) -> None:
+    if export_migration_scale:
+        raise LiteError("--export-migration-scale is an lmdeploy-format feature; drop it or use --format lmdeploy")
+
+
+def _write_lmdeploy(loaded, quant_dtype, scales, export_migration_scale, act, tokens, batch_size, device, out_dir,
+                    max_shard_size, marker) -> None:
+    export.quantize_model_(loaded.model, quant_dtype, scales, export_migration_scale)
+    export.write_checkpoint(loaded.model, loaded.tokenizer, loaded.folder, out_dir, max_shard_size, marker=marker)
+
+
+def _write_compressed_tensors(loaded, quant_dtype, scales, export_migration_scale, act, tokens, batch_size, device,
+                              out_dir, max_shard_size, marker) -> None:
+    compressed_tensors.quantize_model_(loaded.model, quant_dtype, scales, act, tokens, batch_size, device)
+    compressed_tensors.write_checkpoint(loaded.model, loaded.tokenizer, loaded.folder, out_dir, max_shard_size,
+                                        marker=marker)
+
+
+def _lmdeploy_writer(folder, sm, quant_dtype, export_migration_scale, max_shard_size, marker, act):
+    return export.streaming_writer(folder, sm.model, quant_dtype, export_migration_scale, max_shard_size, sm.dtype,
+                                   sm.tokenizer, sm.folder, marker)
+
+
+def _compressed_tensors_writer(folder, sm, quant_dtype, export_migration_scale, max_shard_size, marker, act):
+    return compressed_tensors.streaming_writer(folder, sm.model, quant_dtype, max_shard_size, sm.dtype, sm.tokenizer,
+                                               sm.folder, marker, act)
+
+
+def _compressed_tensors_names(model: nn.Module, arch):
+    quantized = {name for name, m in model.named_modules() if isinstance(m, compressed_tensors.QLinear)}
+
+    def rename(name):
+        return to_checkpoint(arch, compressed_tensors.ct_name(name, quantized))
+
+    def transform(name, t):
+        return compressed_tensors.reader_tensor(model, quantized, name, t)
+
+    return rename, transform
+
+
+LMDEPLOY = Format("lmdeploy", export.QUANT_METHOD, _check_lmdeploy, _write_lmdeploy, _lmdeploy_writer,
+                  export.reader_structure, lambda model, arch: (None, None), export.load_quantized)
+COMPRESSED_TENSORS = Format("compressed-tensors", compressed_tensors.QUANT_METHOD, _check_compressed_tensors,
+                            _write_compressed_tensors, _compressed_tensors_writer, compressed_tensors.reader_structure,
+                            _compressed_tensors_names, compressed_tensors.load_compressed_tensors)
+# --format name -> its Format
+FORMATS = {f.name: f for f in (LMDEPLOY, COMPRESSED_TENSORS)}
 # quant_method in config.json -> the reader that builds a model computing what the engine computes
-READERS = {export.QUANT_METHOD: export.load_quantized, compressed_tensors.QUANT_METHOD: compressed_tensors.load_compressed_tensors,
+READERS = {**{f.quant_method: f.read for f in FORMATS.values()},
            "awq": weight_only.load_weight_only, "gptq": weight_only.load_weight_only}
 # Largest |logit| difference, relative to the largest |logit|, between the in-memory quantized model
 # and the checkpoint read back. Both compute the same thing from the same tensors, so anything beyond
@@ -32,28 +111,25 @@ READERS = {export.QUANT_METHOD: export.load_quantized, compressed_tensors.QUANT_
 READBACK_TOLERANCE = 1e-4
 
 
+def format_of(folder: str) -> Format | None:
+    """The W8A8 format a folder's config.json names, or None."""
+    method = quant_method_of(folder)
+    return next((f for f in FORMATS.values() if f.quant_method == method), None)
+
+
 def check_export_options(fmt: str, act: ActSettings, export_migration_scale: bool) -> None:
     """Refuse combinations a format cannot store, naming the fix."""
     if fmt not in FORMATS:
         raise LiteError(f"--format {fmt!r} is not one of: {', '.join(FORMATS)}")
-    if fmt == "lmdeploy" and act.static:
-        raise LiteError("--act-scheme static needs --format compressed-tensors (lmdeploy's smooth_quant "
-                        "layout has per-token activations only)")
-    if fmt != "lmdeploy" and export_migration_scale:
-        raise LiteError("--export-migration-scale is an lmdeploy-format feature; drop it or use --format lmdeploy")
+    FORMATS[fmt].check(act, export_migration_scale)
 
 
 def quantize_and_write(loaded, fmt: str, quant_dtype: str, scales: dict | None, export_migration_scale: bool,
                        act: ActSettings, tokens: torch.Tensor | None, batch_size: int, device: str,
                        out_dir: str, max_shard_size, marker: tuple[str, dict] | None = None) -> None:
     """Quantize `loaded.model` in place for `fmt` and write it to `out_dir` (with lite's `marker`)."""
-    if fmt == "lmdeploy":
-        export.quantize_model_(loaded.model, quant_dtype, scales, export_migration_scale)
-        export.write_checkpoint(loaded.model, loaded.tokenizer, loaded.folder, out_dir, max_shard_size, marker=marker)
-    else:
-        compressed_tensors.quantize_model_(loaded.model, quant_dtype, scales, act, tokens, batch_size, device)
-        compressed_tensors.write_checkpoint(loaded.model, loaded.tokenizer, loaded.folder, out_dir, max_shard_size,
-                                            marker=marker)
+    FORMATS[fmt].write_loaded(loaded, quant_dtype, scales, export_migration_scale, act, tokens, batch_size, device,
+                              out_dir, max_shard_size, marker)
 
 
 def load_checkpoint(folder: str) -> nn.Module:
@@ -189,22 +265,11 @@ def _reader_source(folder: str, sm):
     from lite.shards import ShardReader
     from lite.source import StreamedModel, _set_tensor
 
-    method = quant_method_of(folder)
-    if method == export.QUANT_METHOD:
-        model, _, _ = export.reader_structure(folder, "meta")
-        rename = transform = None
-    elif method == compressed_tensors.QUANT_METHOD:
-        model, _, _ = compressed_tensors.reader_structure(folder, "meta")
-        quantized = {name for name, m in model.named_modules() if isinstance(m, compressed_tensors.QLinear)}
-        arch = sm.arch
-
-        def rename(name):
-            return to_checkpoint(arch, compressed_tensors.ct_name(name, quantized))
-
-        def transform(name, t):
-            return compressed_tensors.reader_tensor(model, quantized, name, t)
-    else:
-        raise LiteError(f"{folder}: no block-by-block reader for quant_method {method!r}")
+    fmt = format_of(folder)
+    if fmt is None:
+        raise LiteError(f"{folder}: no block-by-block reader for quant_method {quant_method_of(folder)!r}")
+    model, _, _ = fmt.structure(folder, "meta")
+    rename, transform = fmt.stored_names(model, sm.arch)
     inside = sm.arch.blocks + "."
     for name, b in sm.model.named_buffers():  # rotary tables, Gemma's embedding scale: from the config
         if not name.startswith(inside):

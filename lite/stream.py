@@ -24,8 +24,7 @@ import os
 import time
 
 from lite.data import calibration_tokens
-from lite import compressed_tensors, export
-from lite.formats import ReadbackRecord, check_streamed_readback
+from lite.formats import FORMATS, ReadbackRecord, check_streamed_readback
 from lite.folders import staged_folder, write_marker
 from lite.observers import ActSettings
 from lite.quant import quant_dtype_of
@@ -66,11 +65,7 @@ def _tokens(sm: StreamedModel, calib):
 
 def _writer(folder, sm: StreamedModel, fmt: str, quant_dtype: str, export_migration_scale: bool, max_shard_size,
             marker, act: ActSettings = ActSettings()):
-    if fmt == "lmdeploy":
-        return export.streaming_writer(folder, sm.model, quant_dtype, export_migration_scale, max_shard_size, sm.dtype,
-                                       sm.tokenizer, sm.folder, marker)
-    return compressed_tensors.streaming_writer(folder, sm.model, quant_dtype, max_shard_size, sm.dtype, sm.tokenizer,
-                                               sm.folder, marker, act)
+    return FORMATS[fmt].writer(folder, sm, quant_dtype, export_migration_scale, max_shard_size, marker, act)
 
 
 def _check_readback(folder, sm, tokens, record, device, max_gpu_memory, timer) -> None:
