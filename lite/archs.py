@@ -324,6 +324,7 @@ ARCHS: dict[str, Arch] = {
     "olmoe": _QWEN3_MOE,
     "qwen2_moe": _QWEN2_MOE,
     "mixtral": _MIXTRAL,
+    "deepseek_v2": _DEEPSEEK_V3,  # the same blocks; its router picks greedily or by groups
     "deepseek_v3": _DEEPSEEK_V3,
     "gpt_oss": _GPT_OSS,
 }
@@ -363,7 +364,7 @@ def arch_for(config) -> Arch:
     if model_type == "doge" and getattr(config, "is_moe", False):
         raise LiteError("doge with is_moe (its cross-domain MoE: expert embeddings picked by product keys) is not "
                         "supported; lite quantizes dense doge models")
-    if model_type == "deepseek_v3" and getattr(config, "q_lora_rank", None) is None:
+    if model_type in ("deepseek_v2", "deepseek_v3") and getattr(config, "q_lora_rank", None) is None:
         arch = _DEEPSEEK_V3_NO_Q_LORA
     if arch.experts is None:
         return arch

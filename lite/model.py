@@ -48,7 +48,8 @@ def tiny_config(model_type: str, **overrides):
                         mlp_only_layers=[])
         if model_type == "qwen2_moe":
             settings.update(shared_expert_intermediate_size=48)
-    if model_type == "deepseek_v3":  # latent attention; block 0 dense, then MoE routed within 1 of 2 groups
+    if model_type in ("deepseek_v2", "deepseek_v3"):  # latent attention; block 0 dense, then MoE (v3: routed
+        # within 1 of 2 groups)
         settings.update(n_routed_experts=4, n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
                         num_key_value_heads=8, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
                         qk_nope_head_dim=8, v_head_dim=8, num_hidden_layers=3)

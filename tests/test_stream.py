@@ -75,6 +75,7 @@ def assert_same_folders(a, b):
     ("exaone", {}, False, "compressed-tensors", "dynamic"),  # checkpoint names transformers renames at load
     ("deepseek_v3", {}, False, "lmdeploy", "dynamic"),  # latent attention; a dense block, then MoE blocks
     ("deepseek_v3", {}, False, "compressed-tensors", "minmax"),
+    ("deepseek_v2", {"q_lora_rank": None}, False, "lmdeploy", "dynamic"),  # V2-Lite: q_proj, no query LoRA
     ("gpt_oss", {}, True, "lmdeploy", "dynamic"),  # experts fused on disk (transposed, interleaved, biases)
     ("gpt_oss", {}, False, "compressed-tensors", "minmax"),
 ])
