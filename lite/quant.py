@@ -63,12 +63,16 @@ def row_chunks(rows: int, in_features: int, start: int = 0) -> list[slice]:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in `t`. One fp32 sum decides in the common case (a NaN or Inf anywhere makes it
-    non-finite); only when it is not finite, which a finite tensor of huge values can also cause, is
-    every element checked."""
+    """No NaN or Inf in `t`. fp32 sums decide in the common case (a NaN or Inf anywhere makes one
+    non-finite); only when one is not finite, which a finite tensor of huge values can also cause, is
+    every element checked. The sums go `CHUNK_ELEMENTS` at a time: a bf16 tensor summed in fp32 at once
+    is first copied whole to fp32 (twice the embeddings' size, the peak of a CPU run: issue 9)."""
     if t.numel() == 0 or not t.is_floating_point():
         return True
-    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+    flat = t.reshape(-1)
+    sums = torch.stack([flat[i:i + CHUNK_ELEMENTS].sum(dtype=torch.float32)
+                        for i in range(0, flat.numel(), CHUNK_ELEMENTS)])
+    return bool(torch.isfinite(sums).all()) or bool(torch.isfinite(t).all())
 
 
 # ---------------------------------------------------------------------------- weight-only int2..int8 (issue 10)

@@ -106,3 +106,17 @@ def test_all_finite_finds_one_bad_element_and_accepts_huge_finite_values(dtype):
     huge = torch.full((8, 8), torch.finfo(dtype).max, dtype=dtype)  # its sum overflows, yet nothing is bad
     assert all_finite(huge)
     assert all_finite(torch.empty(0, 4, dtype=dtype)) and all_finite(torch.ones(3, dtype=torch.int8))
+
+
+def test_all_finite_checks_every_chunk_of_a_large_or_strided_tensor():
+    """The sums go a chunk at a time (a whole-tensor fp32 sum copies a bf16 tensor to fp32 first): a bad
+    value in the last, partial chunk, or in a transposed view, is still found."""
+    from lite.quant import CHUNK_ELEMENTS, all_finite
+
+    x = torch.zeros(2 * CHUNK_ELEMENTS + 5, dtype=torch.bfloat16)
+    assert all_finite(x)
+    x[-1] = float("nan")
+    assert not all_finite(x)
+    y = torch.zeros(64, 48, dtype=torch.bfloat16)
+    y[3, 40] = float("inf")
+    assert not all_finite(y.T) and all_finite(y[:, :40].T)
