@@ -234,7 +234,6 @@ _QWEN2_MOE = Arch(
     dense=_LLAMA,
 )
 
-# Mixtral: Qwen3-MoE's blocks in memory; on disk `block_sparse_moe.experts.{e}.w1/w3/w2` (gate, up, down).
 # DeepSeek-V3: multi-head latent attention (queries and keys/values through a low-rank linear and a
 # norm each; V comes from `kv_b_proj`'s value rows), a routed MoE with a shared expert and a router with
 # a score-correction bias, and dense first blocks (`first_k_dense_replace`).
@@ -280,6 +279,7 @@ _GPT_OSS = Arch(
     experts="mlp.experts",
 )
 
+# Mixtral: Qwen3-MoE's blocks in memory; on disk `block_sparse_moe.experts.{e}.w1/w3/w2` (gate, up, down).
 _MIXTRAL = replace(_QWEN3_MOE, checkpoint_names=(
     (".mlp.experts.", ".block_sparse_moe.experts."), (".mlp.gate.", ".block_sparse_moe.gate."),
     (".gate_proj.", ".w1."), (".up_proj.", ".w3."), (".down_proj.", ".w2."),

@@ -129,7 +129,8 @@ def build_tiny(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
                 p.uniform_(-0.2, 0.2)
             elif name.endswith(("mlp.gate.weight", "mlp.router.weight")):  # routers start at zero: give them
                 p.normal_(0, 0.5)                                           # real preferences
-            elif name.endswith(("mlp.router.bias", "self_attn.sinks")) or (".experts." in name and name.endswith(".bias")):
+            elif name.endswith(("mlp.router.bias", "self_attn.sinks")) or \
+                    (".experts." in name and name.endswith(".bias")):
                 p.normal_(0, 0.3)  # gpt_oss: biases of the router and the experts, attention sinks
     return model.eval()
 

@@ -63,7 +63,8 @@ class FusedLayout:
         """`X.experts.3.gate_proj.weight` -> (`X.experts.gate_up_proj`, 3, "gate_proj", False); `.bias` ->
         (`X.experts.gate_up_proj_bias`, 3, "gate_proj", True); None for a name that is no expert's."""
         parts = name.split(".")
-        if len(parts) < 4 or not parts[-3].isdigit() or parts[-2] not in PROJECTIONS or parts[-1] not in ("weight", "bias"):
+        if len(parts) < 4 or not parts[-3].isdigit() or parts[-2] not in PROJECTIONS or \
+                parts[-1] not in ("weight", "bias"):
             return None
         bias = parts[-1] == "bias"
         fused = "down_proj" if parts[-2] == "down_proj" else "gate_up_proj"
