@@ -16,7 +16,7 @@ The result is the same as calibrate → smooth → export on the fully loaded mo
 in the work dir and the same checkpoint, tensor for tensor (bit for bit on the CPU).
 
 Every export ends with `readback_record` as its last step and, before the folder is published, the
-read-back check block by block (`lite.formats.check_streamed_readback`): the written folder, read by its
+read-back check block by block (`lite.steps.readback.check_streamed_readback`): the written folder, read by its
 format's reader one block at a time, must compute what the in-memory quantized blocks computed.
 """
 
@@ -24,7 +24,8 @@ import os
 import time
 
 from lite.data import calibration_tokens
-from lite.formats import FORMATS, ReadbackRecord, check_streamed_readback
+from lite.formats import FORMATS
+from lite.steps.readback import ReadbackRecord, check_streamed_readback
 from lite.folders import staged_folder, write_marker
 from lite.observers import ActSettings
 from lite.quant import quant_dtype_of
