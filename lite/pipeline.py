@@ -384,14 +384,14 @@ def smooth_quant(model, work_dir, calib, smoothing: SmoothSettings, quant_dtype=
             scales = reusable_scales(loaded, work, calib, smoothing, dtype)
             if scales is None:
                 inputs = reusable_statistics(loaded, work, calib, dtype)
-                if inputs is None and not act.static:
+                if inputs is None:
                     # Nothing to reuse: calibrate, smooth and export in one streamed pass over the blocks.
                     return stream.stream_smooth_quant(loaded, work, calib, smoothing, quant_dtype,
                                                       export_migration_scale, max_shard_size, out_dir, batch_size,
-                                                      device, dtype, max_gpu_memory, fmt)
+                                                      device, dtype, max_gpu_memory, fmt, act)
                 scales = stream.stream_smooth(loaded, work, calib, smoothing, inputs, batch_size, device, dtype,
                                               max_gpu_memory)
-            # Static scales observe the smoothed model: a second pass, after the scales exist.
+            # From reused statistics or scales: a pass that exports (and observes static scales).
             return stream.stream_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size,
                                         out_dir, device, dtype, fmt, act, calib, batch_size, max_gpu_memory)
         batch_size = 4 if batch_size == "auto" else batch_size

@@ -1,7 +1,9 @@
 """The commands over a streamed local safetensors folder: each a list of steps run by `lite.sweep.sweep`
 over a `lite.source.Shards` source, so that only one or two blocks' weights are in memory at a time.
 
-- `stream_smooth_quant`: `[statistics, smoothquant, rtn]` in one pass, written as the blocks finish;
+- `stream_smooth_quant`: `[statistics, smoothquant, rtn]` in one pass, written as the blocks finish
+  (static activations: `[statistics, smoothquant (folding), static_scales, rtn]`, still one read, the
+  static scales on the sweep's second chain);
 - `stream_calibrate`: `[statistics]`;
 - `stream_smooth`: `[smoothquant]` from the work dir's statistics (weights only, no forward), or
   `[statistics, smoothquant]` when they must be made;
@@ -76,26 +78,32 @@ def _check_readback(folder, sm, tokens, record, device, max_gpu_memory, timer) -
 
 def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="int8", export_migration_scale=False,
                         max_shard_size="5GB", out_dir=None, batch_size="auto", device="cpu", dtype="auto",
-                        max_gpu_memory=DEFAULT_MAX_GPU_MEMORY, fmt="lmdeploy") -> str:
+                        max_gpu_memory=DEFAULT_MAX_GPU_MEMORY, fmt="lmdeploy", act=ActSettings()) -> str:
     """Calibrate, smooth and export in one pass over the blocks into `out_dir` (checked by the caller);
     returns it. Writes the same work-dir artifacts as `lite calibrate` and `lite smooth` and the same
-    checkpoint as `lite export`."""
+    checkpoint as `lite export`.
+
+    Static activation scales observe the smoothed model: each block's factors are folded as soon as
+    they are computed, and the static observers see a second forward of it on the sweep's second chain
+    (the smoothed blocks' outputs), in the same read of the weights."""
     timer = Timer(sm.opened_at or time.perf_counter())
     _check_options(quant_dtype, batch_size)
     tokens = _tokens(sm, calib)
-    stats, smooth = Statistics(), SmoothQuant(smoothing.alpha, smoothing.w_stat)
+    stats, smooth = Statistics(), SmoothQuant(smoothing.alpha, smoothing.w_stat, fold=act.static)
+    static = [StaticScales(act, quant_dtype_of(quant_dtype))] if act.static else []
     with staged_folder(out_dir) as tmp:
         # The marker names the migration scales' record, which exists once they are saved: written last.
-        writer = _writer(tmp, sm, fmt, quant_dtype, export_migration_scale, max_shard_size, marker=None)
+        writer = _writer(tmp, sm, fmt, quant_dtype, export_migration_scale, max_shard_size, None, act)
         record = ReadbackRecord()
-        summary = sweep(Shards(sm), [stats, smooth, Rtn(quant_dtype, export_migration_scale, fmt), record], tokens,
-                        writer, batch_size, device, max_gpu_memory, timer, all_experts=calib.moe_calibrate_all_experts)
+        steps = [stats, smooth, *static, Rtn(quant_dtype, export_migration_scale, fmt), record]
+        summary = sweep(Shards(sm), steps, tokens, writer, batch_size, device, max_gpu_memory, timer,
+                        all_experts=calib.moe_calibrate_all_experts, second_chain=act.static)
         _check_readback(tmp, sm, tokens, record, device, max_gpu_memory, timer)
         # Artifacts first, then the folder appears: a finished output folder always has its statistics.
         work.save("statistics", calib_record(calib, dtype), stats.artifacts())
         work.save("migration_scales", smoothing_record(calib, smoothing, dtype), smooth.artifacts())
-        settings = export_settings(work, fmt, quant_dtype, ActSettings(), export_migration_scale,
-                                   max_shard_size, dtype, True, None)
+        settings = export_settings(work, fmt, quant_dtype, act, export_migration_scale, max_shard_size, dtype, True,
+                                   calib if act.static else None)
         write_marker(tmp, work.path, settings)
     work.record("export", {**settings, "out_dir": out_dir})
     _print_timings(sm, timer, summary)

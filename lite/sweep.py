@@ -137,7 +137,7 @@ def _attach(block: torch.nn.Module, hooks: list[Hook]) -> list:
 @torch.no_grad()
 def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, batch_size="auto", device="cpu",
           max_gpu_memory=DEFAULT_MAX_GPU_MEMORY, timer: "Timer | None" = None, progress: bool = True,
-          all_experts: bool = True) -> dict:
+          all_experts: bool = True, second_chain: bool = False) -> dict:
     """Run `steps` over every block of `source`, each block's weights loaded once; returns a summary
     (batch size, where the hidden states were kept, peak GPU memory; for MoE models the tokens routing
     sent each expert of each block, `routed_tokens`).
@@ -148,6 +148,11 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
     `tokens` `(samples, seqlen)` run through each block that a step observes; `sink` (a checkpoint
     writer with `wants`, `write`, `close`) receives the embeddings, every finished block, the final
     norm and the lm_head.
+
+    `second_chain`: the steps from the first one marked `second_chain` on observe a second forward of
+    each block, after the steps before them have applied (SmoothQuant folded its factors), on a second
+    activation cache that those changed blocks' outputs carry on: static scales of the smoothed model
+    and the statistics of the float one in one read of the weights.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -164,8 +169,9 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
         samples, seqlen = tokens.shape
         per_sample = seqlen * per_token_bytes(config, esize, seqlen)
         if cuda:
-            on_device, batch_size = plan_memory(budget, block_bytes, seqlen * config.hidden_size * esize, samples,
-                                                per_sample, batch_size)
+            chains = 2 if second_chain else 1
+            on_device, batch_size = plan_memory(budget, block_bytes, chains * seqlen * config.hidden_size * esize,
+                                                samples, per_sample, batch_size)
         else:  # on the CPU: activations no larger than a block's weights; the batch size hardly changes the speed
             batch_size = max(1, min(samples, block_bytes // per_sample)) if batch_size == "auto" else batch_size
         summary.update(batch_size=batch_size, hidden_on_device=on_device)
@@ -214,9 +220,12 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
     # Float outputs go to the next block unless a step asks for the quantized ones (GPTQ: later blocks
     # then compensate for the errors of earlier ones); that costs a second forward per block.
     propagate_quantized = any(getattr(step, "propagates_quantized", False) for step in steps)
+    split = next((k for k, step in enumerate(steps) if getattr(step, "second_chain", False)), len(steps)) \
+        if second_chain else len(steps)
+    first_steps, later_steps = steps[:split], steps[split:]
 
-    def forward(module: torch.nn.Module, index: int, keep: bool) -> None:
-        """Run the cached inputs through `module`, block number `index` (whose own mask and position
+    def forward(module: torch.nn.Module, index: int, keep: bool, hidden: list) -> None:
+        """Run the cached inputs `hidden` through `module`, block number `index` (whose own mask and position
         arguments it gets); with `keep`, its outputs replace them."""
         for j, (h, kw) in enumerate(zip(hidden, kwargs)):
             out = module(h.to(device, non_blocking=True), **kw[index])
@@ -230,7 +239,7 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
 
     written = None
     pending = read_ahead(source.fetch, prefixes[0], device, copy_stream)
-    hidden, kwargs, pinned = [], [], None
+    hidden, kwargs, pinned, hidden2, pinned2 = [], [], None, [], None
     bar = tqdm(prefixes, desc="blocks", unit="block", dynamic_ncols=True, disable=not progress)
     try:
         embed_name = source.embed_name
@@ -265,6 +274,10 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
                     h, kw = capture_block_inputs(model, arch, chunk, len(chunk), device)
                     hidden.append(h[0] if pinned is None else pinned[first:first + len(chunk)].copy_(h[0]))
                     kwargs.append(kw[0])
+                if later_steps:  # the second chain starts from the same inputs
+                    pinned2 = None if pinned is None else torch.empty_like(pinned, pin_memory=True).copy_(pinned)
+                    hidden2 = [h.clone() for h in hidden] if pinned2 is None else \
+                        [pinned2[first:first + len(h)] for first, h in zip(range(0, samples, batch_size), hidden)]
             finally:
                 source.outside_done()
             timer.lap("capture")
@@ -286,21 +299,28 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
             block = Block(i, prefix, module, arch.of_block(i), config)
             for step in steps:
                 step.prepare_(block)
-            hooks = [hook for step in steps for hook in step.observers(block)]
+            hooks = [hook for step in first_steps for hook in step.observers(block)]
             if hooks:
                 assert tokens is not None, "a step observes activations, but the sweep was given no tokens"
                 with removing(_attach(module, hooks)), every_expert_sees_all_tokens(module, block.arch, all_experts) as moe:
-                    forward(module, i, keep=not propagate_quantized)
+                    forward(module, i, not propagate_quantized, hidden)
                 if moe is not None:
                     routed = summary.setdefault("routed_tokens", {})[prefix] = moe.routed_tokens.cpu().tolist()
                     if progress:
                         bar.write(describe_routing(prefix, torch.tensor(routed)))
                 timer.lap("forward")
-            for step in steps:
+            for step in first_steps:
+                step.apply_(block)
+            hooks2 = [hook for step in later_steps for hook in step.observers(block)]
+            if hooks2:  # the block as the steps before have left it, on the second chain
+                with removing(_attach(module, hooks2)), every_expert_sees_all_tokens(module, block.arch, all_experts):
+                    forward(module, i, True, hidden2)
+                timer.lap("forward_second")
+            for step in later_steps:
                 step.apply_(block)
             timer.lap("smooth_quantize")
             if hooks and propagate_quantized:
-                forward(module, i, keep=True)  # the next block sees this block's quantized outputs
+                forward(module, i, True, hidden)  # the next block sees this block's quantized outputs
                 timer.lap("forward_quantized")
             if sink is not None:
                 outputs, ready = to_host(module.state_dict(prefix=prefix + "."))
@@ -311,7 +331,7 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
             source.release(prefix, module)
             timer.lap("write")
             show_tokens_per_second(bar, tokens if hooks else None, i + 1)
-        del hidden, kwargs, pinned
+        del hidden, kwargs, pinned, hidden2, pinned2
         if pending is not None:
             pending.result()
         if written is not None:

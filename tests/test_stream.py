@@ -127,6 +127,25 @@ def test_streamed_readback_catches_a_tensor_written_wrong_and_publishes_nothing(
     assert not (tmp_path / "bad" / "quantized").exists()
 
 
+def test_static_scales_read_the_weights_once(tmp_path, monkeypatch):
+    """`smooth_quant --act-scheme static` takes statistics of the float model and static scales of the
+    smoothed one in one read of the weights (the sweep's second chain); the output equals the loaded
+    path's (test_streamed_equals_full_load)."""
+    folder = save_model(tmp_path, "llama")
+    reads = []
+    fetch = source.Shards.fetch
+
+    def counting(self, prefix, device, copy_stream):
+        if self.sm.folder == folder:  # not the read-back of the written folder
+            reads.append(prefix)
+        return fetch(self, prefix, device, copy_stream)
+
+    monkeypatch.setattr(source.Shards, "fetch", counting)
+    pipeline.smooth_quant(folder, str(tmp_path / "w"), CALIB, SmoothSettings(), batch_size=2, device="cpu",
+                          fmt="compressed-tensors", act=ActSettings("static", "minmax"))
+    assert reads == ["model.layers.0", "model.layers.1"]
+
+
 def test_streamed_identity_matches_loaded_model(tmp_path):
     folder = save_model(tmp_path, "qwen2")
     streamed = source.open_streamed(folder, "float32")

@@ -11,15 +11,15 @@ SCALES = "migration_scales.pth"
 
 class SmoothQuant(Step):
     """From the statistics step's `block.absmax` (one pass), from `act_absmax` (`{linear fqn: max|X|}`,
-    statistics made earlier), or with `scales` given (`{consumer fqn: s}`, nothing computed). Given
-    scales with `fold` are folded into the norms and producers before the block is observed (so that
-    static scales see the smoothed inputs); otherwise the quantizing step folds or stores them."""
+    statistics made earlier), or with `scales` given (`{consumer fqn: s}`, nothing computed). With
+    `fold`, given scales are folded into the norms and producers before the block is observed, computed
+    ones as soon as they are computed (so that static scales, on the sweep's second chain, see the
+    smoothed inputs); otherwise the quantizing step folds or stores them."""
 
     def __init__(self, alpha: float = 0.3, w_stat: str = "lmdeploy", act_absmax: dict | None = None,
                  scales: dict | None = None, fold: bool = False):
         self.alpha, self.w_stat, self.act_absmax, self.given = float(alpha), w_stat, act_absmax, scales
         self.fold = fold
-        assert not fold or scales is not None, "SmoothQuant(fold=True) folds given scales"
         self.found = {}
 
     def _given_for(self, block: Block) -> dict:
@@ -27,7 +27,7 @@ class SmoothQuant(Step):
         return {fqn: s.to(device) for fqn, s in self.given.items() if fqn.startswith(block.prefix + ".")}
 
     def prepare_(self, block: Block) -> None:
-        if self.fold:
+        if self.fold and self.given is not None:
             fold_scales_(block.module, block.prefix, block.arch, block.config, self._given_for(block))
 
     def apply_(self, block: Block) -> None:
@@ -43,6 +43,9 @@ class SmoothQuant(Step):
         block.scales = migration_scales({block.prefix: block.module}, block.arch, block.config, absmax, self.alpha,
                                         self.w_stat)
         self.found.update({fqn: s.cpu() for fqn, s in block.scales.items()})
+        if self.fold:
+            fold_scales_(block.module, block.prefix, block.arch, block.config, block.scales)
+            block.scales = {}
 
     def artifacts(self) -> dict:
         return {} if self.given is not None else {SCALES: self.found}

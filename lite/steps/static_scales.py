@@ -14,7 +14,10 @@ from lite.steps.base import Block, Hook, Step
 
 
 class StaticScales(Step):
-    """`{linear fqn: fp32 input_scale (1,)}` in `self.scales`."""
+    """`{linear fqn: fp32 input_scale (1,)}` in `self.scales`. In a sweep with `second_chain`, it observes
+    the block after the steps before it (statistics, SmoothQuant with `fold`) have applied."""
+
+    second_chain = True
 
     def __init__(self, act: ActSettings, qdtype: torch.dtype):
         self.act, self.qdtype = act, qdtype
