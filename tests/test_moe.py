@@ -249,3 +249,32 @@ def test_mixtral_is_read_and_written_under_its_checkpoint_names(tmp_path):
 def test_doge_with_its_cross_domain_moe_is_refused_in_one_line():
     with pytest.raises(LiteError, match="doge with is_moe"):
         arch_for(tiny_config("doge", is_moe=True, num_experts=16, num_experts_per_tok=2))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_fused_layouts_cut_every_expert_and_find_each_element(transposed, interleaved):
+    """For every layout transformers' flags describe, each expert's gate/up/down weight and bias cut from
+    the fused tensors is what the layout says (written out here by index arithmetic), and `flat_indices`
+    finds each of its elements in the fused tensor (what the streamed identity hash samples)."""
+    from lite.moe import FusedLayout
+
+    layout, (E, I, H) = FusedLayout(transposed, interleaved), (3, 4, 5)
+    g = torch.Generator().manual_seed(0)
+    gate_up = torch.randn((E, H, 2 * I) if transposed else (E, 2 * I, H), generator=g)
+    down = torch.randn((E, I, H) if transposed else (E, H, I), generator=g)
+    gate_up_bias, down_bias = torch.randn(E, 2 * I, generator=g), torch.randn(E, H, generator=g)
+    for e in range(E):
+        w = gate_up[e].T if transposed else gate_up[e]  # (2I, H)
+        rows = {"gate_proj": [2 * r if interleaved else r for r in range(I)],
+                "up_proj": [2 * r + 1 if interleaved else I + r for r in range(I)]}
+        expected = {("gate_proj", False): w[rows["gate_proj"]], ("up_proj", False): w[rows["up_proj"]],
+                    ("down_proj", False): down[e].T if transposed else down[e],
+                    ("gate_proj", True): gate_up_bias[e, rows["gate_proj"]],
+                    ("up_proj", True): gate_up_bias[e, rows["up_proj"]], ("down_proj", True): down_bias[e]}
+        for (proj, bias), want in expected.items():
+            fused = (down_bias if bias else down) if proj == "down_proj" else (gate_up_bias if bias else gate_up)
+            got = layout.take(fused, e, proj, bias)
+            assert torch.equal(got, want), (e, proj, bias)
+            where = layout.flat_indices(tuple(fused.shape), e, proj, bias, list(range(got.numel())))
+            assert torch.equal(fused.flatten()[where], want.flatten()), (e, proj, bias)
