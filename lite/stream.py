@@ -150,8 +150,8 @@ def stream_export(sm: StreamedModel, work, scales: dict | None, quant_dtype="int
                   calib=None, batch_size="auto", max_gpu_memory=DEFAULT_MAX_GPU_MEMORY) -> str:
     """`lite export` over the streamed blocks into `out_dir` (checked by the caller); returns it.
 
-    Per-token activations: each block read, `scales` folded in (or stored), quantized and written; no
-    forward pass. Static activations (compressed-tensors): `scales` are folded into each block first,
+    Per-token activations: each block read, `scales` folded in (or stored), quantized and written; the
+    only forward is the read-back's (two windows of the shipped text). Static activations (compressed-tensors): `scales` are folded into each block first,
     the calibration windows of `calib` run through the smoothed block with static-scale observers,
     then it is quantized and written. The same checkpoint and manifest entry as `pipeline.run_export`.
     """

@@ -13,6 +13,10 @@ A step has a small lifecycle, every method optional (DESIGN.md):
 The sweep calls them in recipe order, which is phase order: `[statistics, smoothquant, rtn]` takes
 statistics, computes migration scales from them and quantizes, block by block. `STEPS` maps names to
 step classes; `create(name, **settings)` makes one, `register(name, cls)` adds a user's own.
+
+Two steps live here without a registry name: `alpha_search` (`--alpha auto`; it needs the float model's
+statistics from an earlier sweep) and `readback` (the last step of every streamed export, added by
+`lite.stream` itself).
 """
 
 from lite.errors import LiteError

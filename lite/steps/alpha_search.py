@@ -214,6 +214,7 @@ def search_alphas(model: nn.Module, arch: Arch, act_absmax: dict[str, torch.Tens
 
     step = AlphaSearch(act_absmax, w_stat, quant_dtype, grid)
     try:
+        # The whole model is on the device anyway: no budget to plan against; the batch size is the caller's.
         sweep(Loaded(model, arch), [step], tokens, batch_size=batch_size, device=device, progress=progress,
               max_gpu_memory="1024GiB")
     except torch.OutOfMemoryError as e:
