@@ -154,3 +154,9 @@ def calibration_tokens(tokenizer, dataset: str, samples: int, seqlen: int, seed:
     if bos is not None:
         windows = torch.cat([torch.full((samples, 1), bos, dtype=torch.long), windows], dim=1)
     return windows
+
+
+def readback_tokens(tokenizer) -> torch.Tensor:
+    """Two windows of 128 tokens of the text shipped with lite `(2, 128)`: the read-back check's input when
+    an export has no calibration windows."""
+    return calibration_tokens(tokenizer, "sample", 2, 128, 0)

@@ -16,7 +16,7 @@ import torch
 
 from lite.archs import check_record, quantized_linears
 from lite.calibrate import STATS
-from lite.data import calibration_tokens
+from lite.data import calibration_tokens, readback_tokens
 from lite.errors import LiteError
 from lite.export import parse_size
 from lite.folders import check_out_dir, remove_debris
@@ -238,7 +238,7 @@ def readback_batches(tokenizer, tokens: torch.Tensor | None) -> list[torch.Tenso
     """Two batches of one window (at most 128 tokens) for the read-back check: calibration windows
     when there are any, else windows of the text shipped with lite."""
     if tokens is None:
-        tokens = calibration_tokens(tokenizer, "sample", 2, 128, 0)
+        tokens = readback_tokens(tokenizer)
     return [window[None, :128] for window in tokens[:2]]
 
 

@@ -25,7 +25,7 @@ format's reader one block at a time, must compute what the in-memory quantized b
 import os
 import time
 
-from lite.data import calibration_tokens
+from lite.data import calibration_tokens, readback_tokens
 from lite.formats import FORMATS
 from lite.steps.readback import ReadbackRecord, check_streamed_readback
 from lite.folders import staged_folder, write_marker
@@ -164,7 +164,7 @@ def stream_export(sm: StreamedModel, work, scales: dict | None, quant_dtype="int
         steps = [SmoothQuant(scales=scales or {}, fold=True), StaticScales(act, quant_dtype_of(quant_dtype)), rtn]
         tokens = _tokens(sm, calib)
     else:  # the read-back's two windows are the only forward
-        steps, tokens = [SmoothQuant(scales=scales or {}), rtn], calibration_tokens(sm.tokenizer, "sample", 2, 128, 0)
+        steps, tokens = [SmoothQuant(scales=scales or {}), rtn], readback_tokens(sm.tokenizer)
     with staged_folder(out_dir) as tmp:
         writer = _writer(tmp, sm, fmt, quant_dtype, export_migration_scale, max_shard_size, (work.path, settings), act)
         summary = sweep(Shards(sm), steps + [record], tokens, writer, batch_size, device, max_gpu_memory, timer)
