@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,26 @@ def shrunk_config(config, vocab_size: int = 64):
         if isinstance(getattr(small, name, None), int) and getattr(small, name) >= vocab_size:
             setattr(small, name, 0)
     return small
+
+
+@contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory, and initializing them
+    costs nothing) while their buffers are computed for real: for the buffers a config alone defines
+    (rotary tables, Gemma's embedding scale), without a second of random initialization of weights
+    that nobody reads."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def byte_tokenizer():

@@ -95,7 +95,8 @@ class MinMax:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        a = x.detach().abs().amax().float()
+        low, high = torch.aminmax(x.detach())  # one read; max|x| = max(max x, -min x) exactly
+        a = torch.maximum(high, -low).float()
         self.absmax = a if self.absmax is None else torch.maximum(self.absmax, a)
 
     def merge(self, other: "MinMax") -> None:

@@ -222,23 +222,31 @@ def check_folding_fits(config, arch: Arch, trust_remote_code: bool = False) -> N
     from transformers import AutoModelForCausalLM
 
     from lite.archs import arch_for
-    from lite.model import shrunk_config
+    from lite.model import parameters_on_meta, shrunk_config
     from lite.moe import unfuse_experts_
 
     key = (config.to_json_string(), arch)
     if key in _FITS:
         return
     small = shrunk_config(config)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(small, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
+    with parameters_on_meta():  # filled once below: transformers' own initialization took a second
+        model = AutoModelForCausalLM.from_config(small, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    real = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and id(p) not in real:  # a tied lm_head: the same new tensor as the embeddings
+                # Norms (and biases) away from their constant start, so that folding shows; weights,
+                # routers included, small and random.
+                low = 0.5 - arch.norm_offset if p.dim() == 1 else -0.035
+                values = torch.empty(p.shape, dtype=p.dtype).uniform_(low, low + 1.0 if p.dim() == 1 else 0.035,
+                                                                      generator=generator)
+                real[id(p)] = nn.Parameter(values, requires_grad=False)
+            if p is not None:
+                module._parameters[name] = real[id(p)]
     small_arch = arch_for(small)
     unfuse_experts_(model, small_arch)
-    generator = torch.Generator().manual_seed(0)
-    for name, p in model.named_parameters():  # norms away from their constant start, so that folding shows
-        if p.dim() == 1:
-            p.copy_(torch.rand(p.shape, generator=generator) + 0.5 - arch.norm_offset)
-        elif not p.any():  # routers start at zero
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
     tokens = torch.randint(0, 64, (1, 24), generator=generator)
     before = model(input_ids=tokens, use_cache=False).logits
     blocks = model.get_submodule(small_arch.blocks)

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 from lite.archs import arch_for, to_checkpoint
-from lite.model import LoadedModel, config_hash, decoder_blocks, load_tokenizer, move_outside_blocks_, read_config, \
-    resolve_dtype, shrunk_config
+from lite.model import LoadedModel, config_hash, decoder_blocks, load_tokenizer, move_outside_blocks_, \
+    parameters_on_meta, read_config, resolve_dtype, shrunk_config
 from lite.moe import Experts, FusedLayout, unfuse_experts_
 from lite.shards import ShardReader
 
@@ -81,8 +81,9 @@ def open_streamed(source: str, dtype: str = "auto", trust_remote_code: bool = Fa
         return None  # a block buffer the checkpoint does not hold: made by the model's own constructor
     # Non-persistent buffers (rotary inv_freq, Gemma's embed_scale) come from the config, not the
     # checkpoint: build the model without blocks and with a tiny vocabulary, and take them from it.
-    helper = dict(AutoModelForCausalLM.from_config(shrunk_config(config, vocab_size=8), dtype=torch_dtype,
-                                                   trust_remote_code=trust_remote_code).named_buffers())
+    with parameters_on_meta():
+        helper = dict(AutoModelForCausalLM.from_config(shrunk_config(config, vocab_size=8), dtype=torch_dtype,
+                                                       trust_remote_code=trust_remote_code).named_buffers())
     # The checkpoint's names are the model's, or the record maps them (`checkpoint_names`), or experts are
     # stored fused (`stored_location`); a checkpoint that transformers maps otherwise (other prefixes) is
     # loaded with transformers.

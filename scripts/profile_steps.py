@@ -1,8 +1,11 @@
-"""Where the time of a weight-only run goes: runs `lite auto_gptq` or `lite auto_awq` in this process on a
-random Llama-shaped checkpoint (scripts/bench_pipeline.py's) and prints the seconds spent in each of the
-functions below (CUDA synchronized around each call, so the sum is not the wall time of an overlapped run).
+"""Where the time of a run goes: runs `lite auto_gptq`, `lite auto_awq` or `lite smooth_quant` in this process
+on a random Llama-shaped checkpoint (scripts/bench_pipeline.py's) and prints the seconds spent in each of
+the functions below (CUDA synchronized around each call, so the sum is not the wall time of an
+overlapped run).
 
     python scripts/profile_steps.py --command auto_gptq --layers 2      # Llama-3-8B-shaped blocks on cuda
+    python scripts/profile_steps.py --command smooth_quant --layers 32 --format compressed-tensors \
+        --act-scheme static                                             # W8A8, static activation scales
 """
 
 import argparse
@@ -46,7 +49,9 @@ def main():
     from bench_pipeline import add_shape_arguments, make_checkpoint
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--command", default="auto_gptq", choices=["auto_gptq", "auto_awq"])
+    p.add_argument("--command", default="auto_gptq", choices=["auto_gptq", "auto_awq", "smooth_quant"])
+    p.add_argument("--format", default=None, help="--format of the command (default: the command's own)")
+    p.add_argument("--act-scheme", default=None, help="smooth_quant's --act-scheme (dynamic or static)")
     add_shape_arguments(p, layers=2)
     p.add_argument("--root", default="/tmp/lite-profile")
     args = p.parse_args()
@@ -58,7 +63,12 @@ def main():
     import lite.steps.awq as awq
     import lite.steps.gptq as gptq_step
     import lite.steps.rtn as rtn
-    import lite.sweep as sweep
+    import lite.calibrate as calibrate
+    import lite.steps.readback as readback
+    import lite.steps.smoothquant as smoothquant
+    import lite.steps.static_scales as static_scales
+    import lite.steps.stats as stats
+    import lite.stream as stream
     from lite.cli.main import main as lite
 
     timed(gptq_step, "gptq_quantize", "gptq: gptq_quantize (all of it)")
@@ -76,13 +86,22 @@ def main():
     timed(rtn.Rtn, "apply_", "step rtn.apply_")
     timed(rtn, "quantize_rtn", "rtn:   quantize_rtn")
     timed(kernels, "clip_search", "clip search kernel (anywhere)")
+    timed(stats.Statistics, "apply_", "step statistics.apply_")
+    timed(calibrate.RunningStats, "update", "observer RunningStats.update (statistics)")
+    timed(smoothquant.SmoothQuant, "apply_", "step smoothquant.apply_")
+    timed(static_scales.StaticScales, "apply_", "step static_scales.apply_")
+    timed(observers.MinMax, "update", "observer MinMax.update (static scales)")
+    timed(readback.ReadbackRecord, "apply_", "step readback record.apply_")
+    timed(stream, "check_streamed_readback", "read-back check (after the sweep)")
 
     shutil.rmtree(args.root, ignore_errors=True)
     model, work = os.path.join(args.root, "model"), os.path.join(args.root, "work")
     make_checkpoint(args, model)
     start = time.perf_counter()
     lite([args.command, model, "--work-dir", work, "--calib-dataset", "random", "--calib-samples", str(args.samples),
-          "--calib-seqlen", str(args.seqlen), "--device", args.device, "--verbose"])
+          "--calib-seqlen", str(args.seqlen), "--device", args.device, "--verbose",
+          *(["--format", args.format] if args.format else []),
+          *(["--act-scheme", args.act_scheme] if args.act_scheme else [])])
     print(f"{args.command}: {time.perf_counter() - start:.1f} s for {args.layers} layers")
     for label, seconds in sorted(SPENT.items(), key=lambda kv: -kv[1]):
         print(f"{seconds:8.2f} s  {CALLS[label]:6d} calls  {label}")

@@ -207,6 +207,24 @@ def test_every_record_passes_the_fit_check(model_type):
     check_folding_fits(config, arch_for(config))
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_the_fit_check_catches_a_norm_reader_missing_from_the_record(model_type, monkeypatch):
+    import dataclasses
+
+    arch = ARCHS[model_type]
+    first, *rest = arch.norm_pairs
+    wrong = dataclasses.replace(arch, norm_pairs=(dataclasses.replace(first, linears=first.linears[:-1]), *rest))
+    if arch.dense is not None:
+        dense_first, *dense_rest = arch.dense.norm_pairs
+        wrong = dataclasses.replace(wrong, dense=dataclasses.replace(
+            arch.dense, norm_pairs=(dataclasses.replace(dense_first, linears=dense_first.linears[:-1]),
+                                    *dense_rest)))
+    monkeypatch.setitem(ARCHS, model_type, wrong)
+    config = tiny_config(model_type)
+    with pytest.raises(LiteError, match="does not describe this model"):
+        check_folding_fits(config, arch_for(config))
+
+
 def test_the_fit_check_refuses_a_wrong_record_before_any_output(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(ARCHS, "gemma2", ARCHS["gemma"])  # gemma2's sandwich norms are not gemma's
     message = lite_error(capsys, "smooth_quant", "tiny:gemma2", "--work-dir", tmp_path / "w", *CALIB)
