@@ -18,12 +18,13 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from lite.archs import arch_for, float_linears, from_checkpoint, quantized_linears, unquantized
+from lite.archs import arch_for, float_linears, from_checkpoint, unquantized
 from lite.errors import LiteError
 from lite.model import decoder_blocks
 from lite.observers import ActSettings
 from lite.qmodules import QLinear
 from lite.quant import quant_dtype_of
+from lite.records import block_w8a8_records
 from lite.smooth import check_finite, fold_scales_
 
 QUANT_METHOD = "compressed-tensors"
@@ -119,21 +120,20 @@ def ct_name(name: str, qlinears) -> str:
     return f"{module}.weight_scale" if module in qlinears and leaf == "scale" else name
 
 
+def realize_(block: nn.Module, prefix: str, arch, records: dict) -> None:
+    """compressed-tensors' modules for one block's W8A8 records (`lite.records`), in place: a QLinear per
+    record (with its static input scale, when it has one). Norms stay plain modules."""
+    for name, record in records.items():
+        block.set_submodule(name, QLinear.from_record(record))
+
+
 @torch.no_grad()
 def quantize_block_(block: nn.Module, prefix: str, arch, config, qdtype: torch.dtype,
                     scales: dict[str, torch.Tensor], input_scales: dict[str, torch.Tensor] | None = None) -> None:
     """Fold a block's SmoothQuant factors into its norms and producers and swap its linears for QLinears
     (with their static `input_scales`, when given), in place. Norms stay plain modules."""
-    for name, p in block.named_parameters():
-        check_finite(f"{prefix}.{name}", p.detach(), "weight")
-    fold_scales_(block, prefix, arch, config, scales)
-    swap_linears_(block, prefix, arch, qdtype, input_scales or {})
-
-
-def swap_linears_(block: nn.Module, prefix: str, arch, qdtype: torch.dtype, input_scales: dict) -> None:
-    for name in quantized_linears(arch.at(prefix), block):
-        block.set_submodule(name, QLinear.from_linear(block.get_submodule(name), qdtype,
-                                                      input_scale=input_scales.get(f"{prefix}.{name}")))
+    realize_(block, prefix, arch, block_w8a8_records(block, prefix, arch, config, qdtype, scales,
+                                                     input_scales=input_scales))
 
 
 def streaming_writer(folder: str, model: nn.Module, quant_dtype: str, max_shard_size, dtype: torch.dtype, tokenizer,
@@ -147,7 +147,7 @@ def streaming_writer(folder: str, model: nn.Module, quant_dtype: str, max_shard_
     weights, inputs = scheme_args(quant_dtype, act)
     config = quantization_config(weights, inputs, unquantized(qmodel), FORMAT_OF[quant_dtype_of(quant_dtype)])
     return export.CheckpointWriter(folder, qmodel, config, max_shard_size, dtype, tokenizer, source_folder, marker,
-                                   rename=lambda name: ct_name(name, qlinears))
+                                   realize_, rename=lambda name: ct_name(name, qlinears))
 
 
 @torch.no_grad()
@@ -180,7 +180,7 @@ def quantize_model_(model: nn.Module, quant_dtype: str, scales: dict[str, torch.
 
     input_scales = static_input_scales(model, arch, tokens, batch_size, device, act, qdtype, progress)
     for prefix, block in tqdm(blocks.items(), desc="quantize", unit="block", disable=not progress):
-        swap_linears_(block, prefix, arch, qdtype, input_scales)
+        quantize_block_(block, prefix, arch, model.config, qdtype, {}, input_scales)  # factors folded above
     model.config.quantization_config = quantization_config(weights, inputs, unquantized(model), fmt)
     return model
 

@@ -24,8 +24,8 @@ from lite.model import decoder_blocks
 from lite.moe import unfuse_experts_
 from lite.qmodules import QLinear, QRMSNorm
 from lite.quant import quant_dtype_of
+from lite.records import block_w8a8_records
 from lite.shards import ShardWriter
-from lite.smooth import check_finite, fold_scales_
 
 QUANT_METHOD = "smooth_quant"
 # Files copied next to the weights so that the folder loads like the original.
@@ -43,6 +43,19 @@ def quantization_config(quant_dtype: str, export_migration_scale: bool, keep_flo
     return qc
 
 
+def realize_(block: nn.Module, prefix: str, arch: Arch, records: dict) -> None:
+    """lmdeploy's modules for one block's records (`lite.records`), in place: a QLinear per record and,
+    unless the records keep migration scales, the norms feeding them as QRMSNorms (lmdeploy quantizes
+    per token inside its fused norm)."""
+    arch = arch.at(prefix)
+    if not any(r.migration_scale is not None for r in records.values()):
+        qdtype = next(iter(records.values())).codes.dtype
+        for norm in quantizing_norms(arch):
+            block.set_submodule(norm, QRMSNorm.from_norm(block.get_submodule(norm), arch.norm_offset, qdtype))
+    for name, record in records.items():
+        block.set_submodule(name, QLinear.from_record(record))
+
+
 @torch.no_grad()
 def quantize_block_(block: nn.Module, prefix: str, arch: Arch, config, qdtype: torch.dtype,
                     scales: dict[str, torch.Tensor], export_migration_scale: bool) -> None:
@@ -51,19 +64,8 @@ def quantize_block_(block: nn.Module, prefix: str, arch: Arch, config, qdtype: t
     Scales are folded into producers, or, with `export_migration_scale`, stored on every QLinear
     (ones where a linear is not smoothed) and the norms stay float.
     """
-    arch = arch.at(prefix)
-    for name, p in block.named_parameters():
-        check_finite(f"{prefix}.{name}", p.detach(), "weight")
-    if not export_migration_scale:
-        fold_scales_(block, prefix, arch, config, scales)
-        for norm in quantizing_norms(arch):
-            block.set_submodule(norm, QRMSNorm.from_norm(block.get_submodule(norm), arch.norm_offset, qdtype))
-    for name in quantized_linears(arch, block):
-        linear = block.get_submodule(name)
-        ms = None
-        if export_migration_scale:
-            ms = scales.get(f"{prefix}.{name}", torch.ones(linear.in_features, device=linear.weight.device)).float()
-        block.set_submodule(name, QLinear.from_linear(linear, qdtype, ms))
+    realize_(block, prefix, arch, block_w8a8_records(block, prefix, arch, config, qdtype, scales,
+                                                     export_migration_scale))
 
 
 def quantize_model_(model: nn.Module, quant_dtype: str, scales: dict[str, torch.Tensor] | None,
@@ -112,17 +114,25 @@ class CheckpointWriter:
     `quantization_config`, the tokenizer files and lite's marker (`close`).
 
     `qmodel` is the quantized meta skeleton the layout is planned from (`quantized_skeleton`);
-    `rename` maps a state-dict name to the format's (compressed-tensors: `scale` -> `weight_scale`).
+    `realize(block, prefix, arch, records)` builds the format's modules from a block's quantization
+    records (`realize_`); `rename` maps a state-dict name to the format's (compressed-tensors: `scale`
+    -> `weight_scale`).
     """
 
     def __init__(self, folder: str, qmodel: nn.Module, quantization_config: dict, max_shard_size,
                  dtype: torch.dtype, tokenizer, source_folder: str | None, marker: tuple | None,
-                 rename=lambda name: name):
-        arch = arch_for(qmodel.config)
+                 realize=None, rename=lambda name: name):
+        arch = self.arch = arch_for(qmodel.config)
         self.folder, self.qmodel, self.dtype, self.tokenizer = folder, qmodel, dtype, tokenizer
+        self._realize = realize
         self.source_folder, self.quantization_config, self.marker = source_folder, quantization_config, marker
         self.rename = lambda name: to_checkpoint(arch, rename(name))  # the checkpoint's own names
         self.shards = ShardWriter(folder, output_layout(qmodel, self.rename), parse_size(max_shard_size))
+
+    def realize_(self, block) -> None:
+        """Turn the records a step left on `block` (a `lite.steps.Block`) into the format's modules, which
+        the sweep then writes (`write`) under the format's names."""
+        self._realize(block.module, block.prefix, self.arch, block.records)
 
     def wants(self, name: str) -> bool:
         return self.rename(name) in self.shards.where
@@ -145,8 +155,7 @@ def streaming_writer(folder: str, model: nn.Module, quant_dtype: str, export_mig
     """The lmdeploy `smooth_quant` layout of `model` (a skeleton), written as blocks arrive."""
     return CheckpointWriter(folder, quantized_skeleton(model, quant_dtype, export_migration_scale),
                             quantization_config(quant_dtype, export_migration_scale, float_in_blocks(model)),
-                            max_shard_size, dtype,
-                            tokenizer, source_folder, marker)
+                            max_shard_size, dtype, tokenizer, source_folder, marker, realize_)
 
 
 def parse_size(size: int | str) -> int:

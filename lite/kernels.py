@@ -6,9 +6,6 @@ group parameters. The reference issues about a dozen tiny kernels per column (0.
 Llama-3-8B); here one program holds R rows × B columns in registers and walks the columns itself.
 
 `clip_search`: `lite.quant.mse_clip`, every clip ratio tried on a tile of rows of one group in one pass.
-
-`column_stats`: the per-channel min, max, sum and sum of |x| that the `statistics` observers take of
-every linear's input and output (`column_stats_reference`: three reads of each activation; here one).
 """
 
 import torch
@@ -206,78 +203,3 @@ def mse_clip(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool =
         return clip_search(w, bits, group_size, symmetric, clips, hessian)
     return quant.mse_clip(w, bits, group_size, symmetric, clips, hessian)
 
-
-_stats_kernel = None
-
-
-def _build_stats():
-    triton, tl, _ = _import_triton()
-
-    @triton.jit
-    def column_stats_kernel(X, OUT, tokens, channels, stride_x, rows_per_program, BT: tl.constexpr,
-                            BC: tl.constexpr):
-        c = tl.program_id(0) * BC + tl.arange(0, BC)  # (BC,) channels of this program
-        first = tl.program_id(1) * rows_per_program  # its tokens: first .. first + rows_per_program
-        cin = c < channels
-        lo = tl.full((BC,), float("inf"), tl.float32)
-        hi = tl.full((BC,), float("-inf"), tl.float32)
-        total = tl.zeros((BC,), tl.float32)
-        abstotal = tl.zeros((BC,), tl.float32)
-        for start in range(first, first + rows_per_program, BT):
-            r = start + tl.arange(0, BT)  # (BT,)
-            inside = (r < tokens)[:, None] & cin[None, :]
-            x = tl.load(X + r[:, None].to(tl.int64) * stride_x + c[None, :], mask=inside, other=0.0).to(tl.float32)
-            lo = tl.minimum(lo, tl.min(tl.where(inside, x, float("inf")), axis=0))
-            hi = tl.maximum(hi, tl.max(tl.where(inside, x, float("-inf")), axis=0))
-            total += tl.sum(x, axis=0)
-            abstotal += tl.sum(tl.abs(x), axis=0)
-        out = OUT + tl.program_id(1) * 4 * channels + c
-        tl.store(out, lo, mask=cin)
-        tl.store(out + channels, hi, mask=cin)
-        tl.store(out + 2 * channels, total, mask=cin)
-        tl.store(out + 3 * channels, abstotal, mask=cin)
-
-    return column_stats_kernel
-
-
-def column_stats_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(min, max, sum, sum of |x|) of each channel of x `(tokens, channels)`, fp32 `(channels,)` each: min
-    and max exact in x's own dtype, the sums accumulated in fp32. Three reads of x, no fp32 copy."""
-    low, high = torch.aminmax(x, dim=0)
-    total = x.sum(0, dtype=torch.float32)
-    abstotal = torch.linalg.vector_norm(x, ord=1, dim=0, dtype=torch.float32)
-    return low.float(), high.float(), total, abstotal
-
-
-# `column_stats`' tiling: tokens per loop step, channels per program, programs per streaming
-# multiprocessor it aims for when it splits the tokens, warps per program.
-STATS_TILE = (32, 128, 4, 4)
-
-
-def column_stats(x: torch.Tensor, tile: tuple[int, int, int, int] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`column_stats_reference` in one read of x: on CUDA with Triton, each program reduces a tile of
-    channels over a range of tokens into fp32 partial results, which torch combines (min and max exact,
-    the sums in another order than torch's, so equal up to fp32 rounding); elsewhere the reference.
-    `tile`: (tokens per step, channels per program, programs per SM, warps), `STATS_TILE` by default."""
-    global _stats_kernel
-    if (not triton_available(x.device) or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)
-            or x.shape[0] == 0):
-        return column_stats_reference(x)
-    import triton
-
-    if _stats_kernel is None:
-        _stats_kernel = _build_stats()
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    tokens, channels = x.shape
-    BT, BC, per_sm, warps = tile or STATS_TILE
-    column_blocks = triton.cdiv(channels, BC)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    splits = max(1, min(triton.cdiv(tokens, BT), triton.cdiv(per_sm * sms, column_blocks)))
-    rows_per_program = triton.cdiv(triton.cdiv(tokens, splits), BT) * BT
-    splits = triton.cdiv(tokens, rows_per_program)
-    partial = torch.empty((splits, 4, channels), dtype=torch.float32, device=x.device)
-    _stats_kernel[(column_blocks, splits)](x, partial, tokens, channels, x.stride(0), rows_per_program, BT=BT, BC=BC,
-                                           num_warps=warps)
-    return partial[:, 0].amin(0), partial[:, 1].amax(0), partial[:, 2].sum(0), partial[:, 3].sum(0)

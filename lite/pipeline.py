@@ -451,7 +451,7 @@ def run_recipe(recipe_path, model, work_dir, calib_given: dict, out_dir=None, ma
 
             source = Loaded(loaded.model, loaded.arch)
             steps = [Statistics(), SmoothQuant(**smoothing)] if smoothing is not None else []
-            steps.append(create("gptq", **gptq, fmt=recipe.format))
+            steps.append(create("gptq", **gptq))
             with staged_folder(out_dir) as tmp:
                 if recipe.format == "lmdeploy":
                     writer = lmdeploy.streaming_writer(tmp, loaded.model, quant_dtype, False, max_shard_size,
@@ -520,7 +520,8 @@ def quantize_weights(model, work_dir, steps: list, fmt: str, calib, out_dir=None
                                       settings.get("symmetric", True), settings.get("channel_fallback", False))
     weight_only.check_weight_format(fmt, scheme)
     # Steps of the sweep (refusing bad settings now): awq's search, if any, then the quantizing step.
-    sweep_steps = [create(n, **s) for n, s in steps[:-1] if n not in TRANSFORMS] + [create(name, **settings, fmt=fmt)]
+    sweep_steps = [create(n, **s) for n, s in steps[:-1] if n not in TRANSFORMS] + \
+        [create(name, **settings, scale_dtype=weight_only.scale_dtype_setting(fmt))]
     assert all(n in (*TRANSFORMS, "awq") for n, _ in steps[:-1]), f"unexpected steps before {name}: {steps}"
     device, _ = check_device(device), resolve_dtype(dtype)
     check_batch_size(batch_size)

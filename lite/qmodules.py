@@ -10,8 +10,8 @@ where its shape rules allow.
 import torch
 import torch.nn as nn
 
-from lite.quant import (dequantize, fake_quantize_per_token, quantize, quantize_per_channel, quantize_per_token,
-                        row_chunks)
+from lite.quant import dequantize, fake_quantize_per_token, quantize, quantize_per_token
+from lite.records import w8a8_record
 
 
 def integer_matmul(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -54,42 +54,29 @@ class QLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, qdtype: torch.dtype, migration_scale: torch.Tensor | None = None,
-                    input_scale: torch.Tensor | None = None):
-        """Quantize a float linear; with `migration_scale` its columns are multiplied by it first.
-
-        `input_scale` (one value) makes the input quantization static per tensor.
-        """
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None, qdtype,
-                linear.weight.dtype, migration_scale is not None, device=linear.weight.device,
-                input_scale=input_scale is not None)
-        if input_scale is not None:
-            q.input_scale.copy_(input_scale.reshape(1))
-        if migration_scale is not None:
-            q.migration_scale.copy_(migration_scale)
-        # Rows quantize independently: a chunk at a time keeps the fp32 copies of large weights small.
-        for rows in row_chunks(*linear.weight.shape):
-            w = linear.weight[rows].float()  # (rows, in)
-            if migration_scale is not None:
-                w = w * migration_scale  # (rows, in) · (in,)
-            q.weight[rows], q.scale[rows] = quantize_per_channel(w, qdtype)
-        if linear.bias is not None:
-            q.bias.copy_(linear.bias)
+    def from_record(cls, record):
+        """The QLinear storing a W8A8 `lite.records.QuantizedWeight`: its codes, scales, bias and, when the
+        record has them, the migration scale and the static input scale."""
+        out_features, in_features = record.codes.shape
+        q = cls(in_features, out_features, record.bias is not None, record.codes.dtype, record.dtype,
+                record.migration_scale is not None, device=record.codes.device,
+                input_scale=record.input_scale is not None)
+        q.weight.copy_(record.codes)
+        q.scale.copy_(record.scale.reshape(out_features, 1))
+        if record.bias is not None:
+            q.bias.copy_(record.bias)
+        if record.migration_scale is not None:
+            q.migration_scale.copy_(record.migration_scale)
+        if record.input_scale is not None:
+            q.input_scale.copy_(record.input_scale.reshape(1))
         return q
 
     @classmethod
-    @torch.no_grad()
-    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
-        """An int8 QLinear from integer codes `(out, in)` in [-128, 127] and fp32 scales `(out, 1)` found
-        elsewhere (GPTQ), activations per token."""
-        out_features, in_features = codes.shape
-        q = cls(in_features, out_features, bias is not None, torch.int8,
-                torch.float32 if bias is None else bias.dtype, device=codes.device)
-        q.weight.copy_(codes.to(torch.int8))
-        q.scale.copy_(scale.reshape(out_features, 1))
-        if bias is not None:
-            q.bias.copy_(bias)
-        return q
+    def from_linear(cls, linear: nn.Linear, qdtype: torch.dtype, migration_scale: torch.Tensor | None = None,
+                    input_scale: torch.Tensor | None = None):
+        """Quantize a float linear (`lite.records.w8a8_record`); with `migration_scale` its columns are
+        multiplied by it first. `input_scale` (one value) makes the input quantization static per tensor."""
+        return cls.from_record(w8a8_record(linear, qdtype, migration_scale, input_scale))
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize(self.weight, self.scale)  # (out, in) fp32
@@ -235,6 +222,12 @@ class WQLinear(nn.Module):
         if bias is not None:
             m.bias.copy_(bias)
         return m
+
+    @classmethod
+    def from_record(cls, record, layout: str, dtype: torch.dtype):
+        """The WQLinear of `layout` storing a weight-only `lite.records.QuantizedWeight`, scales in `dtype`."""
+        return cls.from_codes(record.codes, record.scale, record.zero, record.bias, record.bits, record.group_size,
+                              layout, dtype)
 
     def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(unsigned codes `(out, in)`, fp32 scale `(out, groups)`, zero points `(out, groups)`) unpacked."""

@@ -95,7 +95,7 @@ def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="
         # The marker names the migration scales' record, which exists once they are saved: written last.
         writer = _writer(tmp, sm, fmt, quant_dtype, export_migration_scale, max_shard_size, None, act)
         record = ReadbackRecord()
-        steps = [stats, smooth, *static, Rtn(quant_dtype, export_migration_scale, fmt), record]
+        steps = [stats, smooth, *static, Rtn(quant_dtype, export_migration_scale), record]
         summary = sweep(Shards(sm), steps, tokens, writer, batch_size, device, max_gpu_memory, timer,
                         all_experts=calib.moe_calibrate_all_experts, second_chain=act.static)
         _check_readback(tmp, sm, tokens, record, device, max_gpu_memory, timer)
@@ -159,7 +159,7 @@ def stream_export(sm: StreamedModel, work, scales: dict | None, quant_dtype="int
     _check_options(quant_dtype, batch_size)
     settings = export_settings(work, fmt, quant_dtype, act, export_migration_scale, max_shard_size,
                                dtype, bool(scales), calib)
-    rtn, record = Rtn(quant_dtype, export_migration_scale, fmt), ReadbackRecord()
+    rtn, record = Rtn(quant_dtype, export_migration_scale), ReadbackRecord()
     if act.static:
         steps = [SmoothQuant(scales=scales or {}, fold=True), StaticScales(act, quant_dtype_of(quant_dtype)), rtn]
         tokens = _tokens(sm, calib)

@@ -7,7 +7,8 @@
           for step in steps: step.prepare_(block)  # exact changes before it is observed
           hooks = every step's observers(block)    # none: no forward
           forward over the cached inputs with the hooks; remove them (also on an error)
-          for step in steps: step.apply_(block)    # recipe order is phase order
+          for step in steps: step.apply_(block)    # recipe order is phase order; quantization
+                                                   # records become the writer's modules at once
           inputs = the forward's outputs           # float, or (a step's `propagates_quantized`) a
                                                    # second forward's of the quantized block
           sink.write(block's tensors); source.release(block)
@@ -41,15 +42,17 @@ DEFAULT_MAX_GPU_MEMORY = "8GiB"
 
 # ---------------------------------------------------------------------------- memory planning
 
-def per_token_bytes(config, element_size: int, seqlen: int) -> int:
+def per_token_bytes(config, element_size: int, seqlen: int, copy_bytes: int = 8) -> int:
     """An upper estimate of the activation bytes one token needs inside a block's forward with observers:
-    the MLP's gate, up, act and product (`intermediate` wide, model dtype), the observer's fp32
-    copy and abs of the widest input, and a few `hidden`-wide temporaries of attention and norms. A
+    the MLP's gate, up, act and product (`intermediate` wide, model dtype), `copy_bytes` per value of
+    the widest input for what the observers allocate from it (`Step.activation_copy_bytes`: an fp32
+    copy and an abs of it, 8, unless the steps say less), and a few `hidden`-wide temporaries of
+    attention and norms. A
     model whose attention runs eagerly (gpt_oss's sinks: no SDPA) also holds a score row per head and
     token: the scores, their fp32 softmax and the probabilities (measured: gpt-oss-20b's shape took
     36 GiB of an 8 GiB budget without this term)."""
     hidden, inter = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
-    total = (4 * element_size + 8) * inter + (8 * element_size + 16) * hidden
+    total = (4 * element_size + copy_bytes) * inter + (8 * element_size + 16) * hidden
     if getattr(config, "_attn_implementation", None) == "eager":
         total += config.num_attention_heads * (seqlen + 1) * (2 * element_size + 4)
     return total
@@ -167,7 +170,8 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
     if tokens is not None:
         budget = parse_size(max_gpu_memory) if cuda else 1 << 62
         samples, seqlen = tokens.shape
-        per_sample = seqlen * per_token_bytes(config, esize, seqlen)
+        copy_bytes = max((step.activation_copy_bytes for step in steps), default=0)
+        per_sample = seqlen * per_token_bytes(config, esize, seqlen, copy_bytes)
         if cuda:
             chains = 2 if second_chain else 1
             on_device, batch_size = plan_memory(budget, block_bytes, chains * seqlen * config.hidden_size * esize,
@@ -223,6 +227,14 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
     split = next((k for k, step in enumerate(steps) if getattr(step, "second_chain", False)), len(steps)) \
         if second_chain else len(steps)
     first_steps, later_steps = steps[:split], steps[split:]
+
+    def realize(block: Block) -> None:
+        """A step's quantization records become the writer's modules at once: the steps after it and the
+        forward of quantized outputs compute with what the checkpoint will hold."""
+        if block.records:
+            assert sink is not None, "a step quantized a block, but the sweep was given no writer"
+            sink.realize_(block)
+            block.records = {}
 
     def forward(module: torch.nn.Module, index: int, keep: bool, hidden: list) -> None:
         """Run the cached inputs `hidden` through `module`, block number `index` (whose own mask and position
@@ -311,6 +323,7 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
                 timer.lap("forward")
             for step in first_steps:
                 step.apply_(block)
+                realize(block)
             hooks2 = [hook for step in later_steps for hook in step.observers(block)]
             if hooks2:  # the block as the steps before have left it, on the second chain
                 with removing(_attach(module, hooks2)), every_expert_sees_all_tokens(module, block.arch, all_experts):
@@ -318,6 +331,7 @@ def sweep(source, steps: list, tokens: torch.Tensor | None = None, sink=None, ba
                 timer.lap("forward_second")
             for step in later_steps:
                 step.apply_(block)
+                realize(block)
             timer.lap("smooth_quantize")
             if hooks and propagate_quantized:
                 forward(module, i, True, hidden)  # the next block sees this block's quantized outputs

@@ -8,7 +8,8 @@ that refuse what an engine cannot load, the streaming writer and the reader.
 | `gptq` | `gptq` (`checkpoint_format` gptq, or gptq_v2 when asymmetric) | `qweight`, `qzeros`, `scales`, `g_idx` | vLLM, GPTQModel, lmdeploy (sym, g128) |
 
 The tensors are the buffers of `lite.qmodules.WQLinear` in the matching layout; the quantizing steps
-(`rtn` with `bits`, `gptq`) swap each linear for one.
+(`rtn` with `bits`, `gptq`) leave records (`lite.records`), which the writer's `realizer(fmt)` turns
+into WQLinears.
 """
 
 import copy
@@ -69,6 +70,11 @@ def layout_of(fmt: str, scheme: WeightScheme) -> str:
 def scale_dtype_of(fmt: str, model_dtype: torch.dtype) -> torch.dtype:
     """The dtype the format stores scales in: fp16 for AWQ and GPTQ, the model's for compressed-tensors."""
     return model_dtype if fmt == "compressed-tensors" else torch.float16
+
+
+def scale_dtype_setting(fmt: str) -> str:
+    """The quantizing steps' `scale_dtype` setting for `fmt` (`scale_dtype_of` as a name)."""
+    return "model" if fmt == "compressed-tensors" else "float16"
 
 
 def check_weight_format(fmt: str, scheme: WeightScheme) -> None:
@@ -160,6 +166,16 @@ def swap_skeleton_(model: nn.Module, fmt: str, scheme: WeightScheme, dtype: torc
     return model
 
 
+def realizer(fmt: str):
+    """`fmt`'s `realize(block, prefix, arch, records)`: a WQLinear of its layout per weight-only record
+    (`lite.records`) of the block, in place; scales stored in the format's scale dtype."""
+    def realize_(block: nn.Module, prefix: str, arch, records: dict) -> None:
+        for name, record in records.items():
+            layout = layout_of(fmt, WeightScheme(record.bits, record.group_size, record.zero is None))
+            block.set_submodule(name, WQLinear.from_record(record, layout, scale_dtype_of(fmt, record.dtype)))
+    return realize_
+
+
 def streaming_writer(folder: str, model: nn.Module, fmt: str, scheme: WeightScheme, max_shard_size,
                      dtype: torch.dtype, tokenizer, source_folder: str | None, marker: tuple | None,
                      observer: str = "minmax"):
@@ -172,7 +188,8 @@ def streaming_writer(folder: str, model: nn.Module, fmt: str, scheme: WeightSche
     split = ([n for n, m in quantized if m.group_size == scheme.group_size],
              [n for n, m in quantized if m.group_size != scheme.group_size])
     config = quantization_config(fmt, scheme, unquantized(qmodel), observer, split)
-    return export.CheckpointWriter(folder, qmodel, config, max_shard_size, dtype, tokenizer, source_folder, marker)
+    return export.CheckpointWriter(folder, qmodel, config, max_shard_size, dtype, tokenizer, source_folder, marker,
+                                   realizer(fmt))
 
 
 def scheme_of(qc: dict) -> tuple[str, WeightScheme] | None:
@@ -252,11 +269,3 @@ def quantize_rtn(w: torch.Tensor, scheme: WeightScheme, mse: bool, scale_dtype: 
         scale, zero = weight_qparams(w, scheme.bits, scheme.group_size, scheme.symmetric)
     scale = scale.to(scale_dtype).float()
     return quantize_weight(w, scale, zero, scheme.bits, scheme.group_size), scale, zero
-
-
-def swap_quantized_(block: nn.Module, name: str, codes, scale, zero, fmt: str, scheme: WeightScheme) -> None:
-    """Replace the linear `name` of `block` by the WQLinear of `fmt` holding (codes, scale, zero)."""
-    linear = block.get_submodule(name)
-    scheme = scheme.for_linear(linear.in_features)
-    block.set_submodule(name, WQLinear.from_codes(codes, scale, zero, linear.bias, scheme.bits, scheme.group_size,
-                                                  layout_of(fmt, scheme), scale_dtype_of(fmt, linear.weight.dtype)))

@@ -163,6 +163,24 @@ def test_existing_statistics_take_the_full_load_path(tmp_path, monkeypatch):
     assert not called and os.path.isfile(os.path.join(out, "config.json"))
 
 
+def test_tensors_read_in_parallel_pieces_are_whole_and_a_truncated_file_still_fails(tmp_path, monkeypatch):
+    from lite import shards
+    from lite.errors import LiteError
+
+    monkeypatch.setattr(shards, "READ_PIECE", 1000)  # bytes: every tensor here is several pieces
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(37, 101, generator=g), "b": torch.randint(-128, 127, (5000,), generator=g,
+                                                                          dtype=torch.int8), "c": torch.zeros(0)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    back = ShardReader(str(tmp_path)).read(list(tensors))
+    assert all(torch.equal(back[n], t) for n, t in tensors.items())
+    reader = ShardReader(str(tmp_path))
+    with open(tmp_path / "model.safetensors", "r+b") as f:  # cut after the header was read
+        f.truncate(os.path.getsize(tmp_path / "model.safetensors") - 3000)
+    with pytest.raises(LiteError, match="truncated"):
+        reader.read(list(tensors))
+
+
 def test_shard_writer_writes_what_save_file_writes(tmp_path):
     g = torch.Generator().manual_seed(0)
     tensors = {"b.weight": torch.randint(-128, 127, (3, 5), generator=g, dtype=torch.int8),
@@ -208,6 +226,39 @@ def test_the_memory_plan_counts_the_score_matrix_of_eager_attention():
     block = 1_600_000_000  # one gpt-oss-20b block in bf16
     _, batch = plan_memory(8 * 2**30, block, seqlen * 2880 * 2, 128, per_sample, "auto")
     assert 2 * block + batch * scores <= 8 * 2**30
+
+
+def test_the_memory_plan_counts_the_copies_that_the_steps_observers_make(monkeypatch):
+    """The statistics and minmax observers reduce activations without copying them; percentile and mse
+    sample |x| with random keys (an fp32 copy and more). The plan takes the largest of the steps'."""
+    import copy
+
+    import lite.sweep as sweep_module
+    from lite.archs import arch_for
+    from lite.source import Loaded
+    from lite.sweep import sweep
+    from lite.steps.readback import ReadbackRecord
+    from lite.steps.rtn import Rtn
+    from lite.steps.smoothquant import SmoothQuant
+    from lite.steps.static_scales import StaticScales
+    from lite.steps.stats import Statistics
+
+    config = tiny_config("llama", hidden_size=4096, intermediate_size=14336)
+    assert sweep_module.per_token_bytes(config, 2, 2048, 8) - sweep_module.per_token_bytes(config, 2, 2048, 0) \
+        == 8 * 14336
+    seen = []
+    real = sweep_module.per_token_bytes
+    monkeypatch.setattr(sweep_module, "per_token_bytes",
+                        lambda config, esize, seqlen, copy_bytes=8: seen.append(copy_bytes) or real(config, esize,
+                                                                                                     seqlen, copy_bytes))
+    model = build_tiny("llama")
+    tokens = torch.randint(0, 256, (2, 16))
+    for act, expected in ((ActSettings("static", "minmax"), 0), (ActSettings("static", "mse"), 8)):
+        steps = [Statistics(), SmoothQuant(fold=True), StaticScales(act, torch.int8)]
+        sweep(Loaded(copy.deepcopy(model), arch_for(model.config)), steps, tokens, progress=False)
+        assert seen[-1] == expected
+    assert Rtn("int8").activation_copy_bytes == 0 and ReadbackRecord().activation_copy_bytes == 0
+    assert Rtn("int8", bits=4, mse=True).activation_copy_bytes == 8
 
 
 def test_row_chunked_folding_and_quantization_are_exact(monkeypatch):

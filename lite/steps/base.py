@@ -31,10 +31,19 @@ class Block:
     absmax: dict = field(default_factory=dict)  # {linear fqn: max|x| of its input}, set by `statistics`
     scales: dict = field(default_factory=dict)  # {consumer linear fqn: migration scale s}, set by `smoothquant`
     input_scales: dict = field(default_factory=dict)  # {linear fqn: static input scale}, set by `static_scales`
+    # {linear name in the block: lite.records.QuantizedWeight}, set by the quantizing steps; the sweep
+    # hands them to the writer, whose format turns them into its modules
+    records: dict = field(default_factory=dict)
 
 
 class Step:
-    """Base class of every step: each lifecycle method does nothing unless a step overrides it."""
+    """Base class of every step: each lifecycle method does nothing unless a step overrides it.
+
+    `activation_copy_bytes`: the bytes per value of an observed activation that the step's observers
+    allocate while they update (an fp32 copy is 4, its abs 4 more), for the sweep's memory plan; a step
+    that says nothing is planned for 8."""
+
+    activation_copy_bytes = 8
 
     def start(self, run) -> None:
         pass

@@ -2,39 +2,38 @@
 
 The block's calibration forward feeds one `Hessian` observer per group of linears that read the same
 tensor (q/k/v share one, gate/up another); after it, each group is solved as one stacked weight and
-its linears are swapped for WQLinears of the checkpoint's layout. The next block sees this block's
+each linear gets a record (`lite.records`), which the format's writer turns into its modules. The next block sees this block's
 quantized outputs (`propagates_quantized`), so later blocks compensate for earlier errors, as in the
 paper's sequential quantization.
 """
 
 import torch
 
-from lite.archs import quantizing_norms
 from lite.errors import LiteError, warn
 from lite.gptq import gptq_quantize
 from lite.observers import Hessian, group_input, input_groups
-from lite.qmodules import QLinear, QRMSNorm
+from lite.records import QuantizedWeight
 from lite.smooth import fold_scales_
 from lite.steps.base import Block, Hook, Step
-from lite.weight_only import WeightScheme, scale_dtype_of, swap_quantized_
+from lite.steps.rtn import SCALE_DTYPES, scale_dtype
+from lite.weight_only import WeightScheme
 
 
 class Gptq(Step):
     """Settings: `bits`, `group_size` (-1: per channel), `symmetric`, `damp` (relative to the mean of
     diag H; raised tenfold while the factorization fails, and said so), `act_order` (with static
     groups), `block_size` (columns whose errors are spread at once), `mse` (search each group's
-    clipping range), `fmt` (the checkpoint format whose layout the WQLinears take).
+    clipping range), `scale_dtype` (`rtn`'s: where the group scales are rounded before the codes).
 
     With `quant_dtype: int8` the step writes W8A8 instead: GPTQ-rounded int8 weights per output channel
-    (symmetric, `absmax / 127` as `rtn`'s) in QLinears with per-token activations, after `smoothquant`
-    in the same sweep (its scales are folded first, and the Hessians follow them); lmdeploy's layout
-    also turns the norms that feed the linears into QRMSNorms."""
+    (symmetric, `absmax / 127` as `rtn`'s) with per-token activations, after `smoothquant` in the same
+    sweep (its scales are folded first, and the Hessians follow them)."""
 
     propagates_quantized = True
 
     def __init__(self, bits: int = 4, group_size: int = 128, symmetric: bool = True, damp: float = 0.01,
-                 act_order: bool = True, block_size: int = 128, mse: bool = False, fmt: str = "compressed-tensors",
-                 quant_dtype: str | None = None, channel_fallback: bool = False):
+                 act_order: bool = True, block_size: int = 128, mse: bool = False, quant_dtype: str | None = None,
+                 channel_fallback: bool = False, scale_dtype: str = "model"):
         if quant_dtype is not None:
             if quant_dtype != "int8":
                 raise LiteError(f"gptq quant_dtype must be int8 (W8A8 with GPTQ rounding), got {quant_dtype!r}")
@@ -48,8 +47,10 @@ class Gptq(Step):
             raise LiteError(f"--damp must lie in (0, 1) (relative to the mean Hessian diagonal), got {damp!r}")
         if not (isinstance(block_size, int) and block_size > 0):
             raise LiteError(f"gptq block_size must be a positive integer, got {block_size!r}")
-        self.damp, self.act_order, self.block_size, self.mse, self.fmt = float(damp), bool(act_order), block_size, \
-            bool(mse), fmt
+        if scale_dtype not in SCALE_DTYPES:
+            raise LiteError(f"gptq scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
+        self.damp, self.act_order, self.block_size, self.mse, self.scale_dtype = float(damp), bool(act_order), \
+            block_size, bool(mse), scale_dtype
         self._observed = []
         self.raised_damping = {}  # {linear fqn: damping used} where the factorization needed more
 
@@ -78,7 +79,7 @@ class Gptq(Step):
             codes, scale, zero, damp = gptq_quantize(
                 W, H, scheme.bits, scheme.group_size, scheme.symmetric, self.damp,
                 self.act_order, self.block_size, self.mse,
-                torch.float32 if self.qdtype is not None else scale_dtype_of(self.fmt, W.dtype))
+                torch.float32 if self.qdtype is not None else scale_dtype(self.scale_dtype, W.dtype))
             if damp != self.damp:
                 fqns = ", ".join(f"{block.prefix}.{name}" for name in group)
                 print(f"gptq: {fqns}: the Hessian needed damping {damp:g} (asked {self.damp:g}) to factorize")
@@ -86,14 +87,12 @@ class Gptq(Step):
             first = 0
             for name, linear in zip(group, linears):
                 rows = slice(first, first + linear.out_features)
-                if self.qdtype is not None:
-                    module.set_submodule(name, QLinear.from_codes(codes[rows], scale[rows], linear.bias))
+                if self.qdtype is not None:  # int8 codes, fp32 scales (out, 1), activations per token
+                    block.records[name] = QuantizedWeight(codes[rows].to(torch.int8), scale[rows].reshape(-1, 1),
+                                                          linear.weight.dtype, bias=linear.bias)
                 else:
-                    swap_quantized_(module, name, codes[rows], scale[rows], None if zero is None else zero[rows],
-                                    self.fmt, self.scheme)
+                    block.records[name] = QuantizedWeight(codes[rows], scale[rows], linear.weight.dtype, True,
+                                                          scheme.bits, scheme.group_size,
+                                                          None if zero is None else zero[rows], linear.bias)
                 first = rows.stop
-        if self.qdtype is not None and self.fmt == "lmdeploy":  # per-token quantization fused into the norms
-            for name in quantizing_norms(block.arch):
-                norm = module.get_submodule(name)
-                module.set_submodule(name, QRMSNorm.from_norm(norm, block.arch.norm_offset, self.qdtype))
         self._observed = []

@@ -37,6 +37,8 @@ class ReadbackRecord(Step):
     compute (`check_streamed_readback`). One sample: the quantized blocks' fp32 work on a whole batch
     took 1.5 GiB of GPU memory on Llama-3-8B's shape."""
 
+    activation_copy_bytes = 0  # keeps the first call's arguments (views); its own forward is one sample
+
     def __init__(self):
         self.hidden, self._call = None, None
 
@@ -66,6 +68,8 @@ class _LastOutput:
 
 class _KeepLastOutput(Step):
     """Hooks every block (the sweep runs only observed blocks), keeping the output of the last."""
+
+    activation_copy_bytes = 0
 
     def __init__(self):
         self.seen = _LastOutput()

@@ -16,6 +16,8 @@ class SmoothQuant(Step):
     ones as soon as they are computed (so that static scales, on the sweep's second chain, see the
     smoothed inputs); otherwise the quantizing step folds or stores them."""
 
+    activation_copy_bytes = 0  # observes nothing
+
     def __init__(self, alpha: float = 0.3, w_stat: str = "lmdeploy", act_absmax: dict | None = None,
                  scales: dict | None = None, fold: bool = False):
         self.alpha, self.w_stat, self.act_absmax, self.given = float(alpha), w_stat, act_absmax, scales

@@ -21,6 +21,8 @@ class StaticScales(Step):
 
     def __init__(self, act: ActSettings, qdtype: torch.dtype):
         self.act, self.qdtype = act, qdtype
+        # minmax: one aminmax of each input, no copy; percentile and mse sample |x| with random keys
+        self.activation_copy_bytes = 0 if act.act_observer == "minmax" else 8
         self.scales, self._observed = {}, []
 
     def observers(self, block: Block) -> list[Hook]:

@@ -19,6 +19,11 @@ class Statistics(Step):
     """`{stat: {fqn: fp32 tensor[channels]}}` over all calibration tokens; leaves each block's input
     absmax on `block.absmax` for the steps after it."""
 
+    # `RunningStats` reduces each activation in its own dtype (aminmax, sums with an fp32 accumulator): no
+    # copy; measured on an H200, its three reductions of a (8192, 14336) bf16 tensor take 0.24 ms, about
+    # three reads of it
+    activation_copy_bytes = 0
+
     def __init__(self):
         self.inputs = {k: {} for k in STATS}
         self.outputs = {k: {} for k in STATS}
