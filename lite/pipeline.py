@@ -402,19 +402,23 @@ def smooth_quant(model, work_dir, calib, smoothing: SmoothSettings, quant_dtype=
 
 def run_recipe(recipe_path, model, work_dir, calib_given: dict, out_dir=None, max_shard_size="5GB", batch_size=4,
                device=None, dtype="auto", trust_remote_code=False) -> str:
-    """`lite run`: the recipe's steps on the model loaded in memory, then its format (lite/recipe.py).
+    """`lite run`: the recipe's steps, then its format (lite/recipe.py), over a local safetensors folder
+    streamed block by block (a hub id is downloaded first); recipes with transforms, and models that do
+    not stream (`tiny:`), run on the model loaded in memory.
 
     Statistics and migration scales are made afresh and saved to the work dir with the recipe in their
     records; the checkpoint goes to `out_dir` (default WORK_DIR/quantized), read back and compared.
     """
     from lite import compressed_tensors as ct
     from lite import export as lmdeploy
+    from lite import stream
     from lite.recipe import TRANSFORMS, calib_of, load
+    from lite.source import Shards
     from lite.steps import create
     from lite.steps.smoothquant import SmoothQuant
     from lite.steps.stats import Statistics
     from lite.steps.transforms import transform_
-    from lite.sweep import sweep
+    from lite.sweep import DEFAULT_MAX_GPU_MEMORY, sweep
 
     recipe = load(recipe_path)
     calib = calib_of(recipe, calib_given)
@@ -434,24 +438,35 @@ def run_recipe(recipe_path, model, work_dir, calib_given: dict, out_dir=None, ma
     batch_size = 4 if batch_size == "auto" else batch_size
     with locked_work_dir(work_dir) as path:
         out_dir = prepare_out_dir(out_dir, path, model)
-        loaded, work, _ = open_source(model, path, dtype, trust_remote_code, streamable=False)
+        transforms = [create(name, **settings) for name, settings in recipe.steps if name in TRANSFORMS]
+        # The transforms change the embeddings and lm_head as well as the blocks: they run on the loaded
+        # model; every other recipe streams a local folder block by block.
+        loaded, work, streamed = open_source(model, path, dtype, trust_remote_code, streamable=not transforms)
         check_seqlen(loaded.config, calib)
         check_disk_space(loaded, out_dir)
-        transforms = [create(name, **settings) for name, settings in recipe.steps if name in TRANSFORMS]
+        smoothing = recipe.settings_of("smoothquant")
+        if streamed and gptq is None:
+            return stream.stream_smooth_quant(loaded, work, calib, None if smoothing is None else
+                                              SmoothSettings(**smoothing), quant_dtype, export_migration_scale,
+                                              max_shard_size, out_dir, batch_size, device, dtype, fmt=recipe.format,
+                                              act=act, record=recipe.record())
         if transforms:
             transform_(loaded.model, transforms)
         tokens = calibration_tokens(loaded.tokenizer, calib.calib_dataset, calib.calib_samples, calib.calib_seqlen,
                                     calib.seed, loaded.config.vocab_size)
         scales = None
-        smoothing = recipe.settings_of("smoothquant")
         records = {**calib_record(calib, dtype), **recipe.record()}
         if gptq is not None:
             # One sweep: statistics, migration scales, then GPTQ on the smoothed block, written as it goes.
             from lite.folders import staged_folder, write_marker
+            from lite.steps.readback import ReadbackRecord, check_streamed_readback
 
-            source = Loaded(loaded.model, loaded.arch)
+            source = Shards(loaded) if streamed else Loaded(loaded.model, loaded.arch)
             steps = [Statistics(), SmoothQuant(**smoothing)] if smoothing is not None else []
             steps.append(create("gptq", **gptq))
+            readback = ReadbackRecord()
+            if streamed:
+                steps.append(readback)
             with staged_folder(out_dir) as tmp:
                 if recipe.format == "lmdeploy":
                     writer = lmdeploy.streaming_writer(tmp, loaded.model, quant_dtype, False, max_shard_size,
@@ -461,6 +476,8 @@ def run_recipe(recipe_path, model, work_dir, calib_given: dict, out_dir=None, ma
                                                  loaded.tokenizer, loaded.folder, None)
                 sweep(source, steps, tokens, writer, batch_size, device,
                       all_experts=calib.moe_calibrate_all_experts)
+                if streamed:  # before the folder is published: the written blocks compute what was quantized
+                    check_streamed_readback(tmp, loaded, tokens[:1], readback.hidden, device, DEFAULT_MAX_GPU_MEMORY)
                 if smoothing is not None:
                     work.save("statistics", records, steps[0].artifacts())
                     work.save("migration_scales", {**records, **SmoothSettings(**smoothing).record()},
@@ -468,7 +485,8 @@ def run_recipe(recipe_path, model, work_dir, calib_given: dict, out_dir=None, ma
                 settings = {**export_settings(work, recipe.format, quant_dtype, act, False, max_shard_size, dtype,
                                               smoothing is not None, calib), **recipe.record()}
                 write_marker(tmp, work.path, settings)
-            check_readback(loaded.model, out_dir, readback_batches(loaded.tokenizer, tokens))
+            if not streamed:
+                check_readback(loaded.model, out_dir, readback_batches(loaded.tokenizer, tokens))
             work.record("export", {**settings, "out_dir": out_dir})
             print(f"wrote {out_dir}")
             return out_dir

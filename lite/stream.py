@@ -78,32 +78,41 @@ def _check_readback(folder, sm, tokens, record, device, max_gpu_memory, timer) -
 
 def stream_smooth_quant(sm: StreamedModel, work, calib, smoothing, quant_dtype="int8", export_migration_scale=False,
                         max_shard_size="5GB", out_dir=None, batch_size="auto", device="cpu", dtype="auto",
-                        max_gpu_memory=DEFAULT_MAX_GPU_MEMORY, fmt="lmdeploy", act=ActSettings()) -> str:
+                        max_gpu_memory=DEFAULT_MAX_GPU_MEMORY, fmt="lmdeploy", act=ActSettings(),
+                        record: dict | None = None) -> str:
     """Calibrate, smooth and export in one pass over the blocks into `out_dir` (checked by the caller);
     returns it. Writes the same work-dir artifacts as `lite calibrate` and `lite smooth` and the same
     checkpoint as `lite export`.
 
     Static activation scales observe the smoothed model: each block's factors are folded as soon as
     they are computed, and the static observers see a second forward of it on the sweep's second chain
-    (the smoothed blocks' outputs), in the same read of the weights."""
+    (the smoothed blocks' outputs), in the same read of the weights.
+
+    `smoothing` None: no statistics and no SmoothQuant (a recipe without `smoothquant`); static scales
+    then observe the float blocks. `record` (a recipe's) joins every manifest entry and the marker."""
     timer = Timer(sm.opened_at or time.perf_counter())
     _check_options(quant_dtype, batch_size)
-    tokens = _tokens(sm, calib)
-    stats, smooth = Statistics(), SmoothQuant(smoothing.alpha, smoothing.w_stat, fold=act.static)
+    record = record or {}
     static = [StaticScales(act, quant_dtype_of(quant_dtype))] if act.static else []
+    if smoothing is not None:
+        stats, smooth = Statistics(), SmoothQuant(smoothing.alpha, smoothing.w_stat, fold=act.static)
+        first, tokens = [stats, smooth], _tokens(sm, calib)
+    else:  # only static scales need the calibration windows; else the read-back's two are the only forward
+        first, tokens = [], _tokens(sm, calib) if act.static else readback_tokens(sm.tokenizer)
     with staged_folder(out_dir) as tmp:
         # The marker names the migration scales' record, which exists once they are saved: written last.
         writer = _writer(tmp, sm, fmt, quant_dtype, export_migration_scale, max_shard_size, None, act)
-        record = ReadbackRecord()
-        steps = [stats, smooth, *static, Rtn(quant_dtype, export_migration_scale), record]
+        readback = ReadbackRecord()
+        steps = [*first, *static, Rtn(quant_dtype, export_migration_scale), readback]
         summary = sweep(Shards(sm), steps, tokens, writer, batch_size, device, max_gpu_memory, timer,
-                        all_experts=calib.moe_calibrate_all_experts, second_chain=act.static)
-        _check_readback(tmp, sm, tokens, record, device, max_gpu_memory, timer)
+                        all_experts=calib.moe_calibrate_all_experts, second_chain=act.static and bool(first))
+        _check_readback(tmp, sm, tokens, readback, device, max_gpu_memory, timer)
         # Artifacts first, then the folder appears: a finished output folder always has its statistics.
-        work.save("statistics", calib_record(calib, dtype), stats.artifacts())
-        work.save("migration_scales", smoothing_record(calib, smoothing, dtype), smooth.artifacts())
-        settings = export_settings(work, fmt, quant_dtype, act, export_migration_scale, max_shard_size, dtype, True,
-                                   calib if act.static else None)
+        if smoothing is not None:
+            work.save("statistics", {**calib_record(calib, dtype), **record}, stats.artifacts())
+            work.save("migration_scales", {**smoothing_record(calib, smoothing, dtype), **record}, smooth.artifacts())
+        settings = {**export_settings(work, fmt, quant_dtype, act, export_migration_scale, max_shard_size, dtype,
+                                      smoothing is not None, calib if act.static else None), **record}
         write_marker(tmp, work.path, settings)
     work.record("export", {**settings, "out_dir": out_dir})
     _print_timings(sm, timer, summary)

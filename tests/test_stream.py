@@ -100,6 +100,42 @@ def test_streamed_equals_full_load(tmp_path, monkeypatch, model_type, overrides,
     assert manifests[0] == manifests[1]  # the same keys and values for every artifact, file hashes included
 
 
+@pytest.mark.parametrize("recipe", ["w8a8-int8.yaml", "w8a8-int8-static.yaml", "w8a8-int8-gptq.yaml",
+                                    "no-smoothquant-static", "no-smoothquant"])
+def test_a_recipe_streams_and_writes_what_the_loaded_run_writes(tmp_path, monkeypatch, recipe):
+    """`lite run` streams a local folder (only recipes with transforms load the model): the same folder,
+    artifacts and manifest as the run on the loaded model, through the same sweep."""
+    import shutil
+
+    import yaml
+
+    from lite.cli.main import main
+
+    configs = os.path.join(os.path.dirname(__file__), "..", "configs", "recipes")
+    if recipe.startswith("no-smoothquant"):
+        steps = ([{"static_scales": {"act_observer": "minmax"}}] if recipe.endswith("static") else []) + ["rtn"]
+        path = tmp_path / f"{recipe}.yaml"
+        path.write_text(yaml.safe_dump({"steps": steps, "format": "compressed-tensors"}))
+    else:
+        path = tmp_path / recipe
+        shutil.copy(os.path.join(configs, recipe), path)
+    folder = save_model(tmp_path, "llama")
+    opened = []
+    real = source.open_streamed
+    monkeypatch.setattr(source, "open_streamed", lambda *a, **k: opened.append(real(*a, **k)) or opened[-1])
+    args = ["--calib-dataset", "random", "--calib-samples", "4", "--calib-seqlen", "32", "--device", "cpu",
+            "--max-shard-size", "30KB"]
+    main(["run", str(path), folder, "--work-dir", str(tmp_path / "w_stream"), *args])
+    assert opened and opened[0] is not None, "the recipe did not stream"
+    monkeypatch.setattr(stream, "is_streamable", lambda source: False)
+    main(["run", str(path), folder, "--work-dir", str(tmp_path / "w_full"), *args])
+    assert_same_folders(tmp_path / "w_stream" / "quantized", tmp_path / "w_full" / "quantized")
+    manifests = [json.load(open(tmp_path / w / pipeline.MANIFEST)) for w in ("w_stream", "w_full")]
+    for m in manifests:
+        assert m["artifacts"]["export"].pop("out_dir").startswith(str(tmp_path))
+    assert manifests[0] == manifests[1]
+
+
 @pytest.mark.parametrize("fmt,act", [("lmdeploy", "dynamic"), ("compressed-tensors", "minmax")])
 def test_streamed_readback_catches_a_tensor_written_wrong_and_publishes_nothing(tmp_path, monkeypatch, capsys,
                                                                                fmt, act):
