@@ -240,8 +240,9 @@ def run(recipe: str, model: str, work_dir: str = None, out_dir: str = None, cali
         max_shard_size: str = "5GB", device: str = None, dtype: str = "auto", trust_remote_code: bool = False,
         moe_calibrate_all_experts: bool = None):
     """Run a step recipe: model-preparation transforms, SmoothQuant, static scales, round-to-nearest,
-    GPTQ and AWQ, in the order the recipe lists them, then write its format. W8A8 recipes load the
-    model in memory; weight-only ones stream it like `lite auto_gptq` (unless they have transforms).
+    GPTQ and AWQ, in the order the recipe lists them, then write its format. A local safetensors
+    folder streams block by block like `lite smooth_quant` (a hub id is downloaded first); recipes
+    with transforms load the model in memory.
 
     A recipe is YAML with `data` (calib_dataset, calib_samples, calib_seqlen, seed,
     moe_calibrate_all_experts), `steps` (names from the step registry, each optionally with settings)
