@@ -31,7 +31,10 @@ from lite.observers import ActSettings
 class Format:
     """One W8A8 checkpoint layout.
 
-    `check(act, export_migration_scale)` refuses what the layout cannot store; `write_loaded(loaded, ...)`
+    `check(act, export_migration_scale)` refuses what the layout cannot store; `realize_(block, prefix,
+    arch, records)` turns a block's quantization records (`lite.records`, what the quantizing steps
+    produce) into the modules the engine computes with, which the writers store under the format's
+    names; `write_loaded(loaded, ...)`
     quantizes a model in memory and writes it; `writer(folder, sm, ...)` is the checkpoint writer the
     sweep hands finished blocks to; `structure(folder, device)` is the reader's model before any tensor
     (on "meta": a skeleton to read block by block), `(model, quantization_config, dtype)`;
@@ -42,6 +45,7 @@ class Format:
     name: str
     quant_method: str
     check: Callable
+    realize_: Callable
     write_loaded: Callable
     writer: Callable
     structure: Callable
@@ -95,11 +99,12 @@ def _compressed_tensors_names(model: nn.Module, arch):
     return rename, transform
 
 
-LMDEPLOY = Format("lmdeploy", export.QUANT_METHOD, _check_lmdeploy, _write_lmdeploy, _lmdeploy_writer,
-                  export.reader_structure, lambda model, arch: (None, None), export.load_quantized)
+LMDEPLOY = Format("lmdeploy", export.QUANT_METHOD, _check_lmdeploy, export.realize_, _write_lmdeploy,
+                  _lmdeploy_writer, export.reader_structure, lambda model, arch: (None, None), export.load_quantized)
 COMPRESSED_TENSORS = Format("compressed-tensors", compressed_tensors.QUANT_METHOD, _check_compressed_tensors,
-                            _write_compressed_tensors, _compressed_tensors_writer, compressed_tensors.reader_structure,
-                            _compressed_tensors_names, compressed_tensors.load_compressed_tensors)
+                            compressed_tensors.realize_, _write_compressed_tensors, _compressed_tensors_writer,
+                            compressed_tensors.reader_structure, _compressed_tensors_names,
+                            compressed_tensors.load_compressed_tensors)
 # --format name -> its Format
 FORMATS = {f.name: f for f in (LMDEPLOY, COMPRESSED_TENSORS)}
 # quant_method in config.json -> the reader that builds a model computing what the engine computes
