@@ -46,14 +46,20 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, 
     and one triangular inverse instead of the paper's factorize, invert, factorize again.
     """
     mean_diag = torch.mean(torch.diag(H)).item()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    flipped = H.flip(0, 1)
     for attempt in range(DAMP_RETRIES + 1):
-        L, info = torch.linalg.cholesky_ex(flipped + damp * mean_diag * eye)
+        # At most five (in, in) matrices at a time (H, this one, L, L⁻¹ and U): an 8B down_proj's is 0.8 GB.
+        damped = H.flip(0, 1)
+        damped.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(damped)
         if info.item() == 0:
-            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            eye = damped.zero_()
+            eye.diagonal().fill_(1.0)
+            U = torch.linalg.solve_triangular(L, eye, upper=False)
+            del L, eye, damped
+            U = U.flip(0, 1)
             if bool(torch.isfinite(U).all()):
                 return U, damp
+        del L, damped
         damp *= 10
     raise LiteError(f"the Hessian could not be factorized even with damping {damp / 10:g}; the calibration "
                     "data may be too small for this layer: pass more --calib-samples")
@@ -129,7 +135,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         else None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        H = H[perm][:, perm]
+        H = H[perm[:, None], perm]  # one permuted copy (in, in)
     else:
         perm = torch.arange(in_features, device=W.device)
     static = act_order or group_size == -1

@@ -80,6 +80,10 @@ class Hessian:
     def result(self) -> torch.Tensor:
         return self.sum / self.tokens
 
+    def release(self) -> None:
+        """Drop the running sum once its result is taken (an 8B down_proj's is 0.8 GB)."""
+        self.sum = None
+
 
 class MinMax:
     """r = max|x| over every value seen.

@@ -72,9 +72,10 @@ class Gptq(Step):
                      "nearest (--moe-calibrate-all-experts true gives every expert every token)")
                 observer.update(torch.eye(W.shape[1], dtype=torch.float32, device=W.device))
             H, s = observer.result()[0], block.scales.get(f"{block.prefix}.{group[0]}")  # (in, in)
+            observer.release()
             if s is not None:
                 s = s.float().to(H.device)
-                H = H / torch.outer(s, s)
+                H.div_(torch.outer(s, s))  # in place: the same quotients, one (in, in) matrix less
             scheme = self.scheme.for_linear(W.shape[1])
             codes, scale, zero, damp = gptq_quantize(
                 W, H, scheme.bits, scheme.group_size, scheme.symmetric, self.damp,
