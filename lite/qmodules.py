@@ -201,6 +201,7 @@ class WQLinear(nn.Module):
         m = cls(in_features, out_features, bias is not None, bits, group_size, zero is None, layout, dtype,
                 device=q.device)
         half = 1 << (bits - 1)
+        q = q.to(torch.int32)
         codes = q + half if zero is None else q  # unsigned, (out, in), packed where it lies (the GPU in a sweep)
         zeros = torch.full_like(scale, half, dtype=torch.int32) if zero is None else zero  # (out, groups)
         g = in_features if group_size == -1 else group_size

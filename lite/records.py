@@ -27,8 +27,9 @@ class QuantizedWeight:
     `input_scale` fp32 `(1,)`; `migration_scale` fp32 `(in,)` when SmoothQuant's factors are kept apart
     for the engine to apply (lmdeploy's extension) rather than folded.
 
-    Weight-only: `codes` integers on `lite.quant`'s grid `(out, in)` (signed when symmetric; unsigned
-    with `zero` int32 `(out, groups)` otherwise), `scale` fp32 `(out, groups)` holding values the
+    Weight-only: `codes` integers on `lite.quant`'s grid `(out, in)` (signed int8 when symmetric; uint8
+    with `zero` int32 `(out, groups)` otherwise: a byte per code while a block's records wait for the
+    writer, `compact_codes`), `scale` fp32 `(out, groups)` holding values the
     format's scale dtype represents exactly, `bits`, and `group_size` input columns per scale (-1: one
     per output channel); the group map is `column // group_size` (lite writes no act-order map).
 
@@ -44,6 +45,11 @@ class QuantizedWeight:
     bias: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
     migration_scale: torch.Tensor | None = None
+
+
+def compact_codes(codes: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """Weight-only codes of at most 8 bits in one byte each: int8 when signed (symmetric), else uint8."""
+    return codes.to(torch.int8 if symmetric else torch.uint8)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import torch
 from lite.errors import LiteError, warn
 from lite.gptq import gptq_quantize
 from lite.observers import Hessian, group_input, input_groups
-from lite.records import QuantizedWeight
+from lite.records import QuantizedWeight, compact_codes
 from lite.smooth import fold_scales_
 from lite.steps.base import Block, Hook, Step
 from lite.steps.rtn import SCALE_DTYPES, scale_dtype
@@ -92,8 +92,8 @@ class Gptq(Step):
                     block.records[name] = QuantizedWeight(codes[rows].to(torch.int8), scale[rows].reshape(-1, 1),
                                                           linear.weight.dtype, bias=linear.bias)
                 else:
-                    block.records[name] = QuantizedWeight(codes[rows], scale[rows], linear.weight.dtype, True,
-                                                          scheme.bits, scheme.group_size,
+                    block.records[name] = QuantizedWeight(compact_codes(codes[rows], zero is None), scale[rows],
+                                                          linear.weight.dtype, True, scheme.bits, scheme.group_size,
                                                           None if zero is None else zero[rows], linear.bias)
                 first = rows.stop
         self._observed = []
