@@ -160,3 +160,11 @@ def readback_tokens(tokenizer) -> torch.Tensor:
     """Two windows of 128 tokens of the text shipped with lite `(2, 128)`: the read-back check's input when
     an export has no calibration windows."""
     return calibration_tokens(tokenizer, "sample", 2, 128, 0)
+
+
+def readback_batches(tokenizer, tokens: torch.Tensor | None) -> list[torch.Tensor]:
+    """Two batches of one window (at most 128 tokens) for the read-back check of a model in memory:
+    calibration windows when there are any, else windows of the text shipped with lite."""
+    if tokens is None:
+        tokens = readback_tokens(tokenizer)
+    return [window[None, :128] for window in tokens[:2]]

@@ -145,7 +145,8 @@ class CheckpointWriter:
         self.shards.close()
         config = copy.deepcopy(self.qmodel.config)
         config.quantization_config = self.quantization_config
-        write_model_files(self.folder, config, self.dtype, self.tokenizer, self.source_folder)
+        write_model_files(self.folder, config, self.dtype, self.tokenizer, self.source_folder,
+                          getattr(self.qmodel, "generation_config", None))
         if self.marker is not None:
             write_marker(self.folder, *self.marker)
 

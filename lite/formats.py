@@ -34,9 +34,8 @@ class Format:
     `check(act, export_migration_scale)` refuses what the layout cannot store; `realize_(block, prefix,
     arch, records)` turns a block's quantization records (`lite.records`, what the quantizing steps
     produce) into the modules the engine computes with, which the writers store under the format's
-    names; `write_loaded(loaded, ...)`
-    quantizes a model in memory and writes it; `writer(folder, sm, ...)` is the checkpoint writer the
-    sweep hands finished blocks to; `structure(folder, device)` is the reader's model before any tensor
+    names; `writer(folder, model, dtype, ...)` is the checkpoint writer the sweep hands finished blocks to
+    (`model` a `LoadedModel` or a `StreamedModel`); `structure(folder, device)` is the reader's model before any tensor
     (on "meta": a skeleton to read block by block), `(model, quantization_config, dtype)`;
     `stored_names(model, arch)` is `(rename, transform)`: the stored name of each state-dict entry and how
     a stored tensor becomes it (None: the model's own names and tensors); `read(folder)` is the whole
@@ -46,7 +45,6 @@ class Format:
     quant_method: str
     check: Callable
     realize_: Callable
-    write_loaded: Callable
     writer: Callable
     structure: Callable
     stored_names: Callable
@@ -64,26 +62,13 @@ def _check_compressed_tensors(act: ActSettings, export_migration_scale: bool) ->
         raise LiteError("--export-migration-scale is an lmdeploy-format feature; drop it or use --format lmdeploy")
 
 
-def _write_lmdeploy(loaded, quant_dtype, scales, export_migration_scale, act, tokens, batch_size, device, out_dir,
-                    max_shard_size, marker) -> None:
-    export.quantize_model_(loaded.model, quant_dtype, scales, export_migration_scale)
-    export.write_checkpoint(loaded.model, loaded.tokenizer, loaded.folder, out_dir, max_shard_size, marker=marker)
-
-
-def _write_compressed_tensors(loaded, quant_dtype, scales, export_migration_scale, act, tokens, batch_size, device,
-                              out_dir, max_shard_size, marker) -> None:
-    compressed_tensors.quantize_model_(loaded.model, quant_dtype, scales, act, tokens, batch_size, device)
-    compressed_tensors.write_checkpoint(loaded.model, loaded.tokenizer, loaded.folder, out_dir, max_shard_size,
-                                        marker=marker)
-
-
-def _lmdeploy_writer(folder, sm, quant_dtype, export_migration_scale, max_shard_size, marker, act):
-    return export.streaming_writer(folder, sm.model, quant_dtype, export_migration_scale, max_shard_size, sm.dtype,
+def _lmdeploy_writer(folder, sm, dtype, quant_dtype, export_migration_scale, max_shard_size, marker, act):
+    return export.streaming_writer(folder, sm.model, quant_dtype, export_migration_scale, max_shard_size, dtype,
                                    sm.tokenizer, sm.folder, marker)
 
 
-def _compressed_tensors_writer(folder, sm, quant_dtype, export_migration_scale, max_shard_size, marker, act):
-    return compressed_tensors.streaming_writer(folder, sm.model, quant_dtype, max_shard_size, sm.dtype, sm.tokenizer,
+def _compressed_tensors_writer(folder, sm, dtype, quant_dtype, export_migration_scale, max_shard_size, marker, act):
+    return compressed_tensors.streaming_writer(folder, sm.model, quant_dtype, max_shard_size, dtype, sm.tokenizer,
                                                sm.folder, marker, act)
 
 
@@ -99,12 +84,11 @@ def _compressed_tensors_names(model: nn.Module, arch):
     return rename, transform
 
 
-LMDEPLOY = Format("lmdeploy", export.QUANT_METHOD, _check_lmdeploy, export.realize_, _write_lmdeploy,
-                  _lmdeploy_writer, export.reader_structure, lambda model, arch: (None, None), export.load_quantized)
+LMDEPLOY = Format("lmdeploy", export.QUANT_METHOD, _check_lmdeploy, export.realize_, _lmdeploy_writer,
+                  export.reader_structure, lambda model, arch: (None, None), export.load_quantized)
 COMPRESSED_TENSORS = Format("compressed-tensors", compressed_tensors.QUANT_METHOD, _check_compressed_tensors,
-                            compressed_tensors.realize_, _write_compressed_tensors, _compressed_tensors_writer,
-                            compressed_tensors.reader_structure, _compressed_tensors_names,
-                            compressed_tensors.load_compressed_tensors)
+                            compressed_tensors.realize_, _compressed_tensors_writer, compressed_tensors.reader_structure,
+                            _compressed_tensors_names, compressed_tensors.load_compressed_tensors)
 # --format name -> its Format
 FORMATS = {f.name: f for f in (LMDEPLOY, COMPRESSED_TENSORS)}
 # quant_method in config.json -> the reader that builds a model computing what the engine computes
@@ -127,14 +111,6 @@ def check_export_options(fmt: str, act: ActSettings, export_migration_scale: boo
     if fmt not in FORMATS:
         raise LiteError(f"--format {fmt!r} is not one of: {', '.join(FORMATS)}")
     FORMATS[fmt].check(act, export_migration_scale)
-
-
-def quantize_and_write(loaded, fmt: str, quant_dtype: str, scales: dict | None, export_migration_scale: bool,
-                       act: ActSettings, tokens: torch.Tensor | None, batch_size: int, device: str,
-                       out_dir: str, max_shard_size, marker: tuple[str, dict] | None = None) -> None:
-    """Quantize `loaded.model` in place for `fmt` and write it to `out_dir` (with lite's `marker`)."""
-    FORMATS[fmt].write_loaded(loaded, quant_dtype, scales, export_migration_scale, act, tokens, batch_size, device,
-                              out_dir, max_shard_size, marker)
 
 
 def load_checkpoint(folder: str) -> nn.Module:

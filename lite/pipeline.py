@@ -16,11 +16,11 @@ import torch
 
 from lite.archs import check_record, quantized_linears
 from lite.calibrate import STATS
-from lite.data import calibration_tokens, readback_tokens
+from lite.data import calibration_tokens, readback_batches
 from lite.errors import LiteError
 from lite.export import parse_size
 from lite.folders import check_out_dir, remove_debris
-from lite.formats import check_export_options, check_readback, quantize_and_write
+from lite.formats import check_export_options, check_readback
 from lite.model import LoadedModel, config_hash, decoder_blocks, load_model, resolve_dtype, weights_hash
 from lite.observers import ActSettings
 from lite.smooth import check_finite, check_folding_fits, migration_scales
@@ -234,37 +234,22 @@ def ensure_scales(loaded, work, calib, smoothing, batch_size, device, dtype) -> 
     return scales if scales is not None else run_smooth(loaded, work, calib, smoothing, batch_size, device, dtype)
 
 
-def readback_batches(tokenizer, tokens: torch.Tensor | None) -> list[torch.Tensor]:
-    """Two batches of one window (at most 128 tokens) for the read-back check: calibration windows
-    when there are any, else windows of the text shipped with lite."""
-    if tokens is None:
-        tokens = readback_tokens(tokenizer)
-    return [window[None, :128] for window in tokens[:2]]
-
-
 def run_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir,
                fmt="lmdeploy", act=ActSettings(), calib=None, batch_size=4, device="cpu", dtype="auto") -> str:
-    """Quantize and write in `fmt` to `out_dir` (checked by `prepare_out_dir`), then read the folder back
-    and compare logits.
+    """Quantize the loaded model and write it in `fmt` to `out_dir` (checked by `prepare_out_dir`), through
+    the same sweep and steps as a streamed export (`stream.stream_export`), then read the folder back and
+    compare logits.
 
     `calib` (the calibration settings) gives the windows for static activation scales and the
     read-back check; it is required for static scales.
     """
-    tokens = None
-    if calib is not None:
-        tokens = calibration_tokens(loaded.tokenizer, calib.calib_dataset, calib.calib_samples,
-                                    calib.calib_seqlen, calib.seed, loaded.config.vocab_size)
-    elif act.static:
+    from lite import stream
+
+    if act.static and calib is None:
         raise LiteError("--act-scheme static needs calibration windows; run `lite calibrate` on this work dir "
                         "first (its settings are reused) or use `lite smooth_quant`")
-    settings = export_settings(work, fmt, quant_dtype, act, export_migration_scale, max_shard_size, dtype,
-                               bool(scales), calib)
-    quantize_and_write(loaded, fmt, quant_dtype, scales, export_migration_scale, act, tokens, batch_size, device,
-                       out_dir, max_shard_size, marker=(work.path, settings))
-    check_readback(loaded.model, out_dir, readback_batches(loaded.tokenizer, tokens))
-    work.record("export", {**settings, "out_dir": out_dir})
-    print(f"wrote {out_dir}")
-    return out_dir
+    return stream.stream_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir,
+                                device, dtype, fmt, act, calib, batch_size)
 
 
 def check_export_flags(quant_dtype, fmt, act, export_migration_scale, max_shard_size) -> None:
@@ -409,9 +394,8 @@ def run_recipe(recipe_path, model, work_dir, calib_given: dict, out_dir=None, ma
     Statistics and migration scales are made afresh and saved to the work dir with the recipe in their
     records; the checkpoint goes to `out_dir` (default WORK_DIR/quantized), read back and compared.
     """
-    from lite import compressed_tensors as ct
-    from lite import export as lmdeploy
     from lite import stream
+    from lite.formats import FORMATS
     from lite.recipe import TRANSFORMS, calib_of, load
     from lite.source import Shards
     from lite.steps import create
@@ -468,12 +452,8 @@ def run_recipe(recipe_path, model, work_dir, calib_given: dict, out_dir=None, ma
             if streamed:
                 steps.append(readback)
             with staged_folder(out_dir) as tmp:
-                if recipe.format == "lmdeploy":
-                    writer = lmdeploy.streaming_writer(tmp, loaded.model, quant_dtype, False, max_shard_size,
-                                                       source.dtype, loaded.tokenizer, loaded.folder, None)
-                else:
-                    writer = ct.streaming_writer(tmp, loaded.model, quant_dtype, max_shard_size, source.dtype,
-                                                 loaded.tokenizer, loaded.folder, None)
+                writer = FORMATS[recipe.format].writer(tmp, loaded, source.dtype, quant_dtype, False, max_shard_size,
+                                                       None, act)
                 sweep(source, steps, tokens, writer, batch_size, device,
                       all_experts=calib.moe_calibrate_all_experts)
                 if streamed:  # before the folder is published: the written blocks compute what was quantized
@@ -497,20 +477,8 @@ def run_recipe(recipe_path, model, work_dir, calib_given: dict, out_dir=None, ma
             work.save("statistics", records, stats.artifacts())
             work.save("migration_scales", {**records, **SmoothSettings(**smoothing).record()}, smooth.artifacts())
             scales = smooth.found
-        settings = {**export_settings(work, recipe.format, quant_dtype, act, export_migration_scale, max_shard_size,
-                                      dtype, scales is not None, calib), **recipe.record()}
-        if recipe.format == "lmdeploy":
-            lmdeploy.quantize_model_(loaded.model, quant_dtype, scales, export_migration_scale)
-            lmdeploy.write_checkpoint(loaded.model, loaded.tokenizer, loaded.folder, out_dir, max_shard_size,
-                                      marker=(work.path, settings))
-        else:
-            ct.quantize_model_(loaded.model, quant_dtype, scales, act, tokens, batch_size, device)
-            ct.write_checkpoint(loaded.model, loaded.tokenizer, loaded.folder, out_dir, max_shard_size,
-                                marker=(work.path, settings))
-        check_readback(loaded.model, out_dir, readback_batches(loaded.tokenizer, tokens))
-        work.record("export", {**settings, "out_dir": out_dir})
-        print(f"wrote {out_dir}")
-        return out_dir
+        return stream.stream_export(loaded, work, scales, quant_dtype, export_migration_scale, max_shard_size, out_dir,
+                                    device, dtype, recipe.format, act, calib, batch_size, record=recipe.record())
 
 
 def quantize_weights(model, work_dir, steps: list, fmt: str, calib, out_dir=None, max_shard_size="5GB",

@@ -25,15 +25,15 @@ format's reader one block at a time, must compute what the in-memory quantized b
 import os
 import time
 
-from lite.data import calibration_tokens, readback_tokens
-from lite.formats import FORMATS
+from lite.data import calibration_tokens, readback_batches, readback_tokens
+from lite.formats import FORMATS, check_readback
 from lite.steps.readback import ReadbackRecord, check_streamed_readback
 from lite.folders import staged_folder, write_marker
 from lite.observers import ActSettings
 from lite.quant import quant_dtype_of
 from lite.settings import calib_record, check_batch_size, check_quant_dtype, export_settings, smoothing_record
 from lite.shards import checkpoint_files
-from lite.source import Shards, StreamedModel
+from lite.source import Loaded, Shards, StreamedModel
 from lite.steps.rtn import Rtn
 from lite.steps.smoothquant import SmoothQuant
 from lite.steps.static_scales import StaticScales
@@ -57,7 +57,7 @@ def _print_timings(sm: StreamedModel, timer: Timer, summary: dict) -> None:
     if os.environ.get("LITE_VERBOSE") != "1":  # set by --verbose
         return
     timer.lap("finish")
-    summary = {**timer.times, "of_which_identity": sm.identity_s, **summary}
+    summary = {**timer.times, "of_which_identity": getattr(sm, "identity_s", 0.0), **summary}
     print("timings " + " ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
 
 
@@ -68,7 +68,7 @@ def _tokens(sm: StreamedModel, calib):
 
 def _writer(folder, sm: StreamedModel, fmt: str, quant_dtype: str, export_migration_scale: bool, max_shard_size,
             marker, act: ActSettings = ActSettings()):
-    return FORMATS[fmt].writer(folder, sm, quant_dtype, export_migration_scale, max_shard_size, marker, act)
+    return FORMATS[fmt].writer(folder, sm, sm.dtype, quant_dtype, export_migration_scale, max_shard_size, marker, act)
 
 
 def _check_readback(folder, sm, tokens, record, device, max_gpu_memory, timer) -> None:
@@ -154,30 +154,41 @@ def stream_smooth(sm: StreamedModel, work, calib, smoothing, inputs: dict | None
     return smooth.found
 
 
-def stream_export(sm: StreamedModel, work, scales: dict | None, quant_dtype="int8", export_migration_scale=False,
+def stream_export(sm, work, scales: dict | None, quant_dtype="int8", export_migration_scale=False,
                   max_shard_size="5GB", out_dir=None, device="cpu", dtype="auto", fmt="lmdeploy", act=ActSettings(),
-                  calib=None, batch_size="auto", max_gpu_memory=DEFAULT_MAX_GPU_MEMORY) -> str:
-    """`lite export` over the streamed blocks into `out_dir` (checked by the caller); returns it.
+                  calib=None, batch_size="auto", max_gpu_memory=DEFAULT_MAX_GPU_MEMORY, record: dict | None = None) -> str:
+    """`lite export` into `out_dir` (checked by the caller); returns it. `sm` is a `StreamedModel` (its
+    blocks read from the shards; the folder read back block by block before it is published) or a
+    `LoadedModel` (`tiny:`, a folder that does not stream: quantized in place; the folder read back whole
+    and compared after it is written). The same steps and sweep either way, so the same checkpoint.
 
     Per-token activations: each block read, `scales` folded in (or stored), quantized and written; the
-    only forward is the read-back's (two windows of the shipped text). Static activations (compressed-tensors): `scales` are folded into each block first,
-    the calibration windows of `calib` run through the smoothed block with static-scale observers,
-    then it is quantized and written. The same checkpoint and manifest entry as `pipeline.run_export`.
+    only forward is the streamed read-back's (two windows of the shipped text). Static activations
+    (compressed-tensors): `scales` are folded into each block first, the calibration windows of
+    `calib` run through the smoothed block with static-scale observers, then it is quantized and written.
+    `record` (a recipe's) joins the manifest entry and the marker.
     """
-    timer = Timer(sm.opened_at or time.perf_counter())
+    streamed = isinstance(sm, StreamedModel)
+    timer = Timer(getattr(sm, "opened_at", 0.0) or time.perf_counter())
     _check_options(quant_dtype, batch_size)
-    settings = export_settings(work, fmt, quant_dtype, act, export_migration_scale, max_shard_size,
-                               dtype, bool(scales), calib)
+    settings = {**export_settings(work, fmt, quant_dtype, act, export_migration_scale, max_shard_size,
+                                  dtype, bool(scales), calib), **(record or {})}
+    source = Shards(sm) if streamed else Loaded(sm.model, sm.arch)
     rtn, record = Rtn(quant_dtype, export_migration_scale), ReadbackRecord()
     if act.static:
         steps = [SmoothQuant(scales=scales or {}, fold=True), StaticScales(act, quant_dtype_of(quant_dtype)), rtn]
         tokens = _tokens(sm, calib)
-    else:  # the read-back's two windows are the only forward
-        steps, tokens = [SmoothQuant(scales=scales or {}), rtn], readback_tokens(sm.tokenizer)
+    else:  # the streamed read-back's two windows are the only forward
+        steps, tokens = [SmoothQuant(scales=scales or {}), rtn], readback_tokens(sm.tokenizer) if streamed else None
     with staged_folder(out_dir) as tmp:
-        writer = _writer(tmp, sm, fmt, quant_dtype, export_migration_scale, max_shard_size, (work.path, settings), act)
-        summary = sweep(Shards(sm), steps + [record], tokens, writer, batch_size, device, max_gpu_memory, timer)
-        _check_readback(tmp, sm, tokens, record, device, max_gpu_memory, timer)
+        writer = FORMATS[fmt].writer(tmp, sm, source.dtype, quant_dtype, export_migration_scale, max_shard_size,
+                                     (work.path, settings), act)
+        summary = sweep(source, steps + ([record] if streamed else []), tokens, writer, batch_size, device,
+                        max_gpu_memory, timer)
+        if streamed:
+            _check_readback(tmp, sm, tokens, record, device, max_gpu_memory, timer)
+    if not streamed:
+        check_readback(sm.model, out_dir, readback_batches(sm.tokenizer, tokens))
     work.record("export", {**settings, "out_dir": out_dir})
     _print_timings(sm, timer, summary)
     print(f"wrote {out_dir}")
