@@ -114,28 +114,30 @@ def columns_on_gpu(W1: torch.Tensor, U1: torch.Tensor, S1: torch.Tensor, Z1: tor
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 128, symmetric: bool = True,
                   damp: float = 0.01, act_order: bool = True, block_size: int = 128, mse: bool = False,
-                  scale_dtype: torch.dtype = torch.float32):
+                  scale_dtype: torch.dtype = torch.float32, overwrite_hessian: bool = False):
     """(codes `(out, in)` int32 on `lite.quant`'s grid, scale `(out, groups)` fp32, zero `(out, groups)`
     int32 or None (symmetric), damping used) for the weight `w` `(out, in)` and Hessian `H` `(in, in)`.
 
     Dequantizing `(codes - zero) · scale` per group gives the quantized weight. `scale` is representable
     in `scale_dtype` (what the format stores), and the codes are computed with that rounded scale.
+    `overwrite_hessian`: an fp32 `H` the caller no longer needs is changed in place, not copied (at most
+    four (in, in) matrices are alive at once: H, its damped copy, the Cholesky factor and its inverse).
     """
     out_features, in_features = w.shape
     W = w.float().clone()  # (out, in), updated in place as errors spread
-    H = H.float().clone()  # (in, in)
+    H = H.float() if overwrite_hessian else H.float().clone()  # (in, in)
     dead = torch.diag(H) == 0  # inputs that were always zero: any value is exact; quantize them as 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     g = in_features if group_size == -1 else group_size
     low, high = int_range(bits, symmetric)
 
-    # H's diagonal blocks, one per group, in the stored order: `(groups, g, g)`
-    blocks = H.reshape(in_features // g, g, in_features // g, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1) if mse \
-        else None
+    # H's diagonal blocks, one per group, in the stored order: `(groups, g, g)`, a copy (H is permuted below)
+    blocks = H.reshape(in_features // g, g, in_features // g, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1).clone() \
+        if mse else None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        H = H[perm[:, None], perm]  # one permuted copy (in, in)
+        H.copy_(H[perm[:, None], perm])  # permuted in place, through one temporary (in, in)
     else:
         perm = torch.arange(in_features, device=W.device)
     static = act_order or group_size == -1

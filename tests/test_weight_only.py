@@ -202,6 +202,22 @@ def test_gptq_raises_damping_until_the_hessian_factorizes():
         gptq_quantize(w, torch.eye(32) - 1e6 * torch.outer(v, v), 4, -1, True, damp=0.01)
 
 
+@pytest.mark.parametrize("act_order, mse, damp", [(True, True, 0.01), (False, True, 0.01), (True, False, 1e-9)])
+def test_gptq_on_a_hessian_it_may_overwrite_gives_the_same_result(act_order, mse, damp):
+    """`overwrite_hessian` (the step hands its Hessian over to save (in, in) copies) permutes and damps H
+    in place: the result must be what the solver gives on a copy, also with the clip search reading H's
+    diagonal blocks and with damping raised."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 128, generator=g)
+    x = torch.randn(48, 128, generator=g) * torch.rand(128, generator=g)  # rank 48 < 128: damping matters
+    H = x.T @ x / 48
+    expected = gptq_quantize(w, H, 4, 32, False, damp=damp, act_order=act_order, mse=mse)
+    H_given = H.clone()
+    got = gptq_quantize(w, H_given, 4, 32, False, damp=damp, act_order=act_order, mse=mse, overwrite_hessian=True)
+    assert all(torch.equal(a, b) for a, b in zip(expected[:3], got[:3])) and expected[3] == got[3]
+    assert not torch.equal(H_given, H) or not act_order  # it was indeed overwritten (permuted)
+
+
 def test_dead_inputs_are_quantized_to_zero():
     H = torch.eye(16)
     H[3, 3] = 0  # an input channel that was always zero

@@ -71,16 +71,13 @@ class Gptq(Step):
                 warn(f"no calibration token reached {block.prefix}.{group[0].rpartition('.')[0]}: rounded to "
                      "nearest (--moe-calibrate-all-experts true gives every expert every token)")
                 observer.update(torch.eye(W.shape[1], dtype=torch.float32, device=W.device))
-            H, s = observer.result()[0], block.scales.get(f"{block.prefix}.{group[0]}")  # (in, in)
-            observer.release()
-            if s is not None:
-                s = s.float().to(H.device)
-                H.div_(torch.outer(s, s))  # in place: the same quotients, one (in, in) matrix less
             scheme = self.scheme.for_linear(W.shape[1])
+            # The Hessian is handed over, not kept here: the solver permutes and factors it without a copy.
             codes, scale, zero, damp = gptq_quantize(
-                W, H, scheme.bits, scheme.group_size, scheme.symmetric, self.damp,
-                self.act_order, self.block_size, self.mse,
-                torch.float32 if self.qdtype is not None else scale_dtype(self.scale_dtype, W.dtype))
+                W, _hessian(observer, block.scales.get(f"{block.prefix}.{group[0]}")), scheme.bits,
+                scheme.group_size, scheme.symmetric, self.damp, self.act_order, self.block_size, self.mse,
+                torch.float32 if self.qdtype is not None else scale_dtype(self.scale_dtype, W.dtype),
+                overwrite_hessian=True)
             if damp != self.damp:
                 fqns = ", ".join(f"{block.prefix}.{name}" for name in group)
                 print(f"gptq: {fqns}: the Hessian needed damping {damp:g} (asked {self.damp:g}) to factorize")
@@ -97,3 +94,14 @@ class Gptq(Step):
                                                           None if zero is None else zero[rows], linear.bias)
                 first = rows.stop
         self._observed = []
+
+
+def _hessian(observer: Hessian, s: torch.Tensor | None) -> torch.Tensor:
+    """E[x xᵀ] `(in, in)` of a group's inputs, the observer's sum released; with SmoothQuant or AWQ factors
+    `s` folded in, the consumers read x / s, whose Hessian is H / (s sᵀ)."""
+    H = observer.result()[0]
+    observer.release()
+    if s is not None:
+        s = s.float().to(H.device)
+        H.div_(torch.outer(s, s))  # in place: the same quotients, one (in, in) matrix less
+    return H
