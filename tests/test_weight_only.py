@@ -216,6 +216,12 @@ def test_gptq_on_a_hessian_it_may_overwrite_gives_the_same_result(act_order, mse
     got = gptq_quantize(w, H_given, 4, 32, False, damp=damp, act_order=act_order, mse=mse, overwrite_hessian=True)
     assert all(torch.equal(a, b) for a, b in zip(expected[:3], got[:3])) and expected[3] == got[3]
     assert not torch.equal(H_given, H) or not act_order  # it was indeed overwritten (permuted)
+    if act_order and mse:  # static groups: each group's range searched with H's own diagonal block, unpermuted
+        from lite.quant import MSE_CLIPS, mse_clip
+
+        blocks = torch.stack([H[j:j + 32, j:j + 32] for j in range(0, 128, 32)])  # (groups, 32, 32)
+        scale, zero = mse_clip(w, 4, 32, False, MSE_CLIPS, blocks)
+        assert torch.equal(got[1], scale) and torch.equal(got[2], zero)
 
 
 def test_dead_inputs_are_quantized_to_zero():
