@@ -113,11 +113,29 @@ def check_export_options(fmt: str, act: ActSettings, export_migration_scale: boo
     FORMATS[fmt].check(act, export_migration_scale)
 
 
+def is_weight_only(folder: str) -> bool:
+    """Whether a folder's config.json names a weight-only checkpoint (awq, gptq, pack-quantized)."""
+    method = quant_method_of(folder)
+    return method in weight_only.METHODS and (method != compressed_tensors.QUANT_METHOD or _pack_quantized(folder))
+
+
+def block_reader(folder: str) -> tuple:
+    """`(structure, stored_names)` of the format a folder's config.json names (a `Format`'s, or the
+    weight-only formats', whose folders store the WQLinears' buffers under the model's names): what the
+    block-by-block read-back builds its skeleton and reads its tensors with."""
+    if is_weight_only(folder):
+        return weight_only.reader_structure, lambda model, arch: (None, None)
+    fmt = format_of(folder)
+    if fmt is None:
+        raise LiteError(f"{folder}: no block-by-block reader for quant_method {quant_method_of(folder)!r}")
+    return fmt.structure, fmt.stored_names
+
+
 def load_checkpoint(folder: str) -> nn.Module:
     """Read a folder lite wrote, in whichever format, into a model of QLinears (W8A8) or WQLinears
     (weight-only)."""
     method = quant_method_of(folder)
-    if method in weight_only.METHODS and (method != compressed_tensors.QUANT_METHOD or _pack_quantized(folder)):
+    if is_weight_only(folder):
         return weight_only.load_weight_only(folder)
     if method not in READERS:
         raise LiteError(f"{folder} is not a checkpoint lite reads (quant_method {method!r}; "

@@ -494,6 +494,7 @@ def quantize_weights(model, work_dir, steps: list, fmt: str, calib, out_dir=None
     """
     from lite import weight_only
     from lite.folders import staged_folder
+    from lite.steps.readback import ReadbackRecord, check_streamed_readback
     from lite.recipe import TRANSFORMS
     from lite.source import Shards
     from lite.steps import create
@@ -530,12 +531,16 @@ def quantize_weights(model, work_dir, steps: list, fmt: str, calib, out_dir=None
         source = Shards(loaded) if streamed else Loaded(loaded.model, loaded.arch)
         if not streamed and batch_size == "auto":
             batch_size = 4
+        readback = ReadbackRecord()
         with staged_folder(out_dir) as tmp:
             writer = weight_only.streaming_writer(tmp, loaded.model, fmt, scheme, max_shard_size, source.dtype,
                                                   loaded.tokenizer, loaded.folder, (work.path, recorded),
                                                   "mse" if settings.get("mse") else "minmax")
-            summary = sweep(source, sweep_steps, tokens, writer, batch_size, device, max_gpu_memory, timer,
-                            all_experts=calib.moe_calibrate_all_experts)
+            summary = sweep(source, sweep_steps + ([readback] if streamed else []), tokens, writer, batch_size,
+                            device, max_gpu_memory, timer, all_experts=calib.moe_calibrate_all_experts)
+            if streamed:  # before the folder is published: the written blocks compute what was quantized
+                check_streamed_readback(tmp, loaded, tokens[:1], readback.hidden, device, max_gpu_memory)
+                timer.lap("readback")
         if not streamed:
             check_readback(loaded.model, out_dir, readback_batches(loaded.tokenizer, tokens))
         work.record("export", {**recorded, "out_dir": out_dir})

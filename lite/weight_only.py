@@ -217,10 +217,20 @@ def scheme_of(qc: dict) -> tuple[str, WeightScheme] | None:
 
 def load_weight_only(folder: str) -> nn.Module:
     """Read a weight-only folder (any of the three formats) into a model of WQLinears."""
-    from lite.export import float_model_of_checkpoint, load_checkpoint_state_, quant_method_of, read_state_dict
+    from lite.export import load_checkpoint_state_, read_state_dict
+
+    model, qc, _ = reader_structure(folder)
+    return load_checkpoint_state_(model, read_state_dict(folder, arch_for(model.config)), qc, folder)
+
+
+def reader_structure(folder: str, device=None) -> tuple[nn.Module, dict, torch.dtype]:
+    """The model `load_weight_only` fills, WQLinears of the folder's layout in place, before any tensor is
+    read (`device="meta"`: a skeleton to read block by block); with its quantization_config and dtype.
+    The folder stores the WQLinears' buffers under the model's names (`to_checkpoint`)."""
+    from lite.export import float_model_of_checkpoint, quant_method_of
 
     method = quant_method_of(folder)
-    model, qc, dtype = float_model_of_checkpoint(folder, method)
+    model, qc, dtype = float_model_of_checkpoint(folder, method, device)
     found = scheme_of(qc)
     if found is None:
         raise LiteError(f"{folder}: lite reads weight-only checkpoints it can describe (one config group, "
@@ -239,8 +249,8 @@ def load_weight_only(folder: str) -> nn.Module:
         own = scheme.for_linear(linear.in_features)
         model.set_submodule(name, WQLinear(linear.in_features, linear.out_features, linear.bias is not None,
                                            own.bits, own.group_size, own.symmetric, layout,
-                                           scale_dtype_of(fmt, dtype)))
-    return load_checkpoint_state_(model, read_state_dict(folder, arch), qc, folder)
+                                           scale_dtype_of(fmt, dtype), device=linear.weight.device))
+    return model, qc, dtype
 
 
 def describe(qc: dict) -> str:

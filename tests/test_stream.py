@@ -163,6 +163,35 @@ def test_streamed_readback_catches_a_tensor_written_wrong_and_publishes_nothing(
     assert not (tmp_path / "bad" / "quantized").exists()
 
 
+@pytest.mark.parametrize("fmt,scale", [("compressed-tensors", "weight_scale"), ("awq", "scales"), ("gptq", "scales")])
+def test_a_weight_only_export_is_read_back_block_by_block_before_it_is_published(tmp_path, monkeypatch, capsys,
+                                                                                 fmt, scale):
+    """`lite auto_gptq` over a streamed folder reads the written folder back with the weight-only reader,
+    block by block: right, the last block's outputs agree exactly; one group scale 1 % off fails it and
+    publishes nothing."""
+    from lite.cli.main import main
+    from lite.errors import LiteError
+    from lite.export import CheckpointWriter
+
+    folder = save_model(tmp_path, "llama")
+    args = ["--format", fmt, "--w-group-size", "32", "--calib-dataset", "random", "--calib-samples", "4",
+            "--calib-seqlen", "32", "--device", "cpu"]
+    main(["auto_gptq", folder, "--work-dir", str(tmp_path / "good"), *args])
+    assert "max |difference| of the last block's output 0 " in capsys.readouterr().out
+    write = CheckpointWriter.write
+
+    def off_by_one_percent(self, name, t, row_start=0):
+        if name == f"model.layers.1.self_attn.o_proj.{scale}":
+            t = (t.float() * 1.01).to(t.dtype)
+        write(self, name, t, row_start)
+
+    monkeypatch.setattr(CheckpointWriter, "write", off_by_one_percent)
+    with pytest.raises(LiteError, match="read back gives last-block outputs"):
+        pipeline.quantize_weights(folder, str(tmp_path / "bad"), [("gptq", {"group_size": 32})], fmt,
+                                  CalibSettings("random", 4, 32), device="cpu")
+    assert not (tmp_path / "bad" / "quantized").exists()
+
+
 def test_static_scales_read_the_weights_once(tmp_path, monkeypatch):
     """`smooth_quant --act-scheme static` takes statistics of the float model and static scales of the
     smoothed one in one read of the weights (the sweep's second chain); the output equals the loaded

@@ -5,8 +5,7 @@ in-memory quantized blocks computed, before the folder is published (`lite.strea
 import torch
 
 from lite.errors import LiteError
-from lite.export import quant_method_of
-from lite.formats import READBACK_TOLERANCE, format_of
+from lite.formats import READBACK_TOLERANCE, block_reader
 from lite.steps.base import Block, Hook, Step
 
 class _FirstCall:
@@ -84,11 +83,9 @@ def _reader_source(folder: str, sm):
     from lite.shards import ShardReader
     from lite.source import StreamedModel, _set_tensor
 
-    fmt = format_of(folder)
-    if fmt is None:
-        raise LiteError(f"{folder}: no block-by-block reader for quant_method {quant_method_of(folder)!r}")
-    model, _, _ = fmt.structure(folder, "meta")
-    rename, transform = fmt.stored_names(model, sm.arch)
+    structure, stored_names = block_reader(folder)
+    model, _, _ = structure(folder, "meta")
+    rename, transform = stored_names(model, sm.arch)
     inside = sm.arch.blocks + "."
     for name, b in sm.model.named_buffers():  # rotary tables, Gemma's embedding scale: from the config
         if not name.startswith(inside):
