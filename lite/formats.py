@@ -1,14 +1,15 @@
-"""Checkpoint formats by name, each one `Format` record: which options it takes, how a loaded model
-or a stream of blocks is written in it, how its reader builds the model (whole, or as a skeleton read
-one block at a time), and the read-back check of a loaded export (a streamed export's is
-`lite.steps.readback`).
+"""Checkpoint formats by name, each one `Format` record: which options it takes, how quantization
+records (`lite.records`) become the modules its engines compute with, the writer the sweep hands
+finished blocks to, how its reader builds the model (whole, or as a skeleton read one block at a
+time), and the read-back check of a loaded export (a streamed export's is `lite.steps.readback`).
 
 - `lmdeploy`: lmdeploy's `smooth_quant` layout (QRMSNorm + QLinear, per-token activations), with the
   optional migration-scale extension. Read by lmdeploy's PyTorch engine.
 - `compressed-tensors`: `int-quantized` / `float-quantized`, per-token dynamic or per-tensor static
   activations, smoothing folded into the norms. Read by vLLM, SGLang and transformers.
 
-The weight-only layouts (pack-quantized, AutoAWQ GEMM, GPTQ) live in `lite.weight_only`.
+The weight-only layouts (pack-quantized, AutoAWQ GEMM, GPTQ) live in `lite.weight_only` (`realizer`,
+`streaming_writer`, `reader_structure`); `block_reader` finds the reader of any folder lite writes.
 """
 
 import json
@@ -35,8 +36,8 @@ class Format:
     arch, records)` turns a block's quantization records (`lite.records`, what the quantizing steps
     produce) into the modules the engine computes with, which the writers store under the format's
     names; `writer(folder, model, dtype, ...)` is the checkpoint writer the sweep hands finished blocks to
-    (`model` a `LoadedModel` or a `StreamedModel`); `structure(folder, device)` is the reader's model before any tensor
-    (on "meta": a skeleton to read block by block), `(model, quantization_config, dtype)`;
+    (`model` a `LoadedModel` or a `StreamedModel`); `structure(folder, device)` is the reader's model
+    before any tensor (on "meta": a skeleton to read block by block), `(model, quantization_config, dtype)`;
     `stored_names(model, arch)` is `(rename, transform)`: the stored name of each state-dict entry and how
     a stored tensor becomes it (None: the model's own names and tensors); `read(folder)` is the whole
     model, ready to compute."""
@@ -87,8 +88,9 @@ def _compressed_tensors_names(model: nn.Module, arch):
 LMDEPLOY = Format("lmdeploy", export.QUANT_METHOD, _check_lmdeploy, export.realize_, _lmdeploy_writer,
                   export.reader_structure, lambda model, arch: (None, None), export.load_quantized)
 COMPRESSED_TENSORS = Format("compressed-tensors", compressed_tensors.QUANT_METHOD, _check_compressed_tensors,
-                            compressed_tensors.realize_, _compressed_tensors_writer, compressed_tensors.reader_structure,
-                            _compressed_tensors_names, compressed_tensors.load_compressed_tensors)
+                            compressed_tensors.realize_, _compressed_tensors_writer,
+                            compressed_tensors.reader_structure, _compressed_tensors_names,
+                            compressed_tensors.load_compressed_tensors)
 # --format name -> its Format
 FORMATS = {f.name: f for f in (LMDEPLOY, COMPRESSED_TENSORS)}
 # quant_method in config.json -> the reader that builds a model computing what the engine computes

@@ -156,7 +156,8 @@ def stream_smooth(sm: StreamedModel, work, calib, smoothing, inputs: dict | None
 
 def stream_export(sm, work, scales: dict | None, quant_dtype="int8", export_migration_scale=False,
                   max_shard_size="5GB", out_dir=None, device="cpu", dtype="auto", fmt="lmdeploy", act=ActSettings(),
-                  calib=None, batch_size="auto", max_gpu_memory=DEFAULT_MAX_GPU_MEMORY, record: dict | None = None) -> str:
+                  calib=None, batch_size="auto", max_gpu_memory=DEFAULT_MAX_GPU_MEMORY,
+                  record: dict | None = None) -> str:
     """`lite export` into `out_dir` (checked by the caller); returns it. `sm` is a `StreamedModel` (its
     blocks read from the shards; the folder read back block by block before it is published) or a
     `LoadedModel` (`tiny:`, a folder that does not stream: quantized in place; the folder read back whole

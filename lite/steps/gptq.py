@@ -2,9 +2,9 @@
 
 The block's calibration forward feeds one `Hessian` observer per group of linears that read the same
 tensor (q/k/v share one, gate/up another); after it, each group is solved as one stacked weight and
-each linear gets a record (`lite.records`), which the format's writer turns into its modules. The next block sees this block's
-quantized outputs (`propagates_quantized`), so later blocks compensate for earlier errors, as in the
-paper's sequential quantization.
+each linear gets a record (`lite.records`), which the format's writer turns into its modules. The
+next block sees this block's quantized outputs (`propagates_quantized`), so later blocks compensate
+for earlier errors, as in the paper's sequential quantization.
 """
 
 import torch

@@ -8,9 +8,10 @@ writer turns them into its modules (`lite/formats.py`). The step knows no format
   `static_scales` left on the block.
 - Weight-only (`bits` given): `bits`-bit integers per group of `group_size` input columns,
   symmetric or with zero points, scales rounded to `scale_dtype` (the model's, or float16 as AutoAWQ
-  and GPTQ store them) before the codes are computed. With `mse`, each group's clipping range is searched for the least
-  squared error the group adds to the linear's output on the calibration tokens: dᵀ H_gg d with d the
-  group's weight error and H_gg its block of E[x xᵀ] (observed in the block's forward).
+  and GPTQ store them) before the codes are computed. With `mse`, each group's clipping range is
+  searched for the least squared error the group adds to the linear's output on the calibration
+  tokens: dᵀ H_gg d with d the group's weight error and H_gg its block of E[x xᵀ] (observed in the
+  block's forward).
   Scales left on the block by `awq` are folded in first.
 """
 
