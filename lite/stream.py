@@ -8,7 +8,10 @@ over a `lite.source.Shards` source, so that only one or two blocks' weights are 
 - `stream_smooth`: `[smoothquant]` from the work dir's statistics (weights only, no forward), or
   `[statistics, smoothquant]` when they must be made;
 - `stream_export`: `[smoothquant (given scales), rtn]`; the only forward is the read-back's, on two
-  windows of the text shipped with lite.
+  windows of the text shipped with lite. It also exports a model loaded in memory (`tiny:`, folders
+  that do not stream, recipes with transforms) through the same steps, over a `Loaded` source.
+
+`stream_smooth_quant` without smoothing and with a recipe's record runs the W8A8 recipes of `lite run`.
 
 Every format and activation scheme streams: lmdeploy, compressed-tensors with per-token or static
 activation scales (then `[smoothquant (given scales, folded first), static_scales, rtn]` with the
