@@ -196,6 +196,13 @@ def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
     assert int(q.min()) >= 0 and int(q.max()) < (1 << bits), f"codes must lie in [0, 2^{bits})"
     *lead, n = q.shape
     words = -(-n * bits // 32)
+    if q.dim() >= 2 and q.numel() > CHUNK_ELEMENTS:
+        # Rows pack independently: a chunk at a time keeps the int64 temporaries (8 bytes per code) small.
+        flat = q.reshape(-1, n)
+        out = torch.empty((flat.shape[0], words), dtype=torch.int32, device=q.device)
+        for rows in row_chunks(*flat.shape):
+            out[rows] = pack_int32(flat[rows], bits)
+        return out.reshape(*lead, words)
     if 32 % bits == 0:  # 2, 4, 8 bits: whole codes per word, one shift and add per position in the word
         per = 32 // bits
         padded = torch.nn.functional.pad(q.to(torch.int64), (0, words * per - n)).reshape(*lead, words, per)

@@ -268,14 +268,24 @@ def quantize_rtn(w: torch.Tensor, scheme: WeightScheme, mse: bool, scale_dtype: 
                  hessian: torch.Tensor | None = None):
     """Round-to-nearest (codes, scale, zero) of a weight `(out, in)`; `mse` searches each group's clipping
     range (by the output error its inputs' `hessian` blocks `(groups, g, g)` give, when given). The scale
-    is rounded to `scale_dtype` before the codes are computed with it."""
+    is rounded to `scale_dtype` before the codes are computed with it. Codes come one byte each
+    (`lite.records.compact_codes`: int8 signed when symmetric, else uint8); rows are independent, so
+    they are computed `CHUNK_ELEMENTS` at a time and the fp32 temporaries stay small."""
     from lite.kernels import mse_clip
-    from lite.quant import quantize_weight, weight_qparams
+    from lite.quant import quantize_weight, row_chunks, weight_qparams
 
     scheme = scheme.for_linear(w.shape[1])
-    if mse:
-        scale, zero = mse_clip(w, scheme.bits, scheme.group_size, scheme.symmetric, hessian=hessian)
-    else:
-        scale, zero = weight_qparams(w, scheme.bits, scheme.group_size, scheme.symmetric)
-    scale = scale.to(scale_dtype).float()
-    return quantize_weight(w, scale, zero, scheme.bits, scheme.group_size), scale, zero
+    groups = w.shape[1] // (w.shape[1] if scheme.group_size == -1 else scheme.group_size)
+    codes = torch.empty(w.shape, dtype=torch.int8 if scheme.symmetric else torch.uint8, device=w.device)
+    scale = torch.empty((w.shape[0], groups), dtype=torch.float32, device=w.device)
+    zero = None if scheme.symmetric else torch.empty((w.shape[0], groups), dtype=torch.int32, device=w.device)
+    for rows in row_chunks(*w.shape):
+        if mse:
+            s, z = mse_clip(w[rows], scheme.bits, scheme.group_size, scheme.symmetric, hessian=hessian)
+        else:
+            s, z = weight_qparams(w[rows], scheme.bits, scheme.group_size, scheme.symmetric)
+        scale[rows] = s.to(scale_dtype).float()
+        if zero is not None:
+            zero[rows] = z
+        codes[rows] = quantize_weight(w[rows], scale[rows], z, scheme.bits, scheme.group_size).to(codes.dtype)
+    return codes, scale, zero

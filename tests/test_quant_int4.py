@@ -84,3 +84,18 @@ def test_gptq_packing_layout_and_zero_convention(checkpoint_format):
     stored = 7 if checkpoint_format == "gptq" else 8  # FORMATS.md: v1 stores a zero of 8 as 7
     assert (qzeros[0, 0].item() & 0xF) == stored
     assert all(torch.equal(a, b) for a, b in zip(unpack_gptq(qweight, qzeros, 4, 64, 16, checkpoint_format), (q, zero)))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_in_row_chunks_gives_the_same_words(bits, monkeypatch):
+    """Large code tensors are packed a chunk of rows at a time (their int64 temporaries stay small): the
+    same words as packing all rows at once, for 2-D codes and for AWQ's 3-D grouped ones."""
+    from lite import quant
+
+    g = torch.Generator().manual_seed(bits)
+    flat = torch.randint(0, 1 << bits, (37, 64), generator=g, dtype=torch.int32)
+    grouped = torch.randint(0, 1 << bits, (9, 5, 8), generator=g, dtype=torch.int32)
+    whole = [quant.pack_int32(flat, bits), quant.pack_int32(grouped, bits)]
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 100)  # a few rows per chunk
+    assert torch.equal(quant.pack_int32(flat, bits), whole[0])
+    assert torch.equal(quant.pack_int32(grouped, bits), whole[1])
