@@ -21,7 +21,7 @@ from lite.archs import quantized_linears
 from lite.errors import LiteError
 from lite.observers import Hessian, group_input, input_groups
 from lite.quant import quant_dtype_of
-from lite.records import QuantizedWeight, block_w8a8_records, compact_codes
+from lite.records import QuantizedWeight, block_w8a8_records
 from lite.smooth import fold_scales_
 from lite.steps.base import Block, Hook, Step
 from lite.weight_only import WeightScheme, quantize_rtn
@@ -76,6 +76,6 @@ class Rtn(Step):
                 codes, scale, zero = quantize_rtn(linear.weight, self.scheme, self.mse,
                                                   scale_dtype(self.scale_dtype, linear.weight.dtype), hessian)
                 own = self.scheme.for_linear(linear.in_features)
-                block.records[name] = QuantizedWeight(compact_codes(codes, zero is None), scale, linear.weight.dtype,
-                                                      True, own.bits, own.group_size, zero, linear.bias)
+                block.records[name] = QuantizedWeight(codes, scale, linear.weight.dtype, True, own.bits,
+                                                      own.group_size, zero, linear.bias)  # a byte per code
         self._hessians = []
